@@ -1,0 +1,3 @@
+from alsd.cli import main
+
+raise SystemExit(main())
