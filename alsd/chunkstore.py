@@ -1,0 +1,601 @@
+"""Content-addressed store of uncompressed chunks on local disk, with LRU eviction.
+
+Layout under ``root`` (see developer-notes/storage.md)::
+
+    chunks/sha256/<hex[:2]>/<hex>   one file per chunk, named by sha256 of its content
+    tmp/<hex>.<random>              chunks being written; swept at open()
+    store-state                     "open <boot id>" while in use, "clean" after close()
+
+A chunk is hashed *before* anything is written, written to ``tmp/`` and renamed into place,
+so the final path only ever holds a complete file with the right content. The store is a
+cache: a full or failing disk makes :meth:`ChunkStore.put` return False (one warning) and
+the caller serves the bytes from memory.
+
+Concurrency rule: every piece of bookkeeping (the LRU table and its byte total, the
+reservation, pins, busy digests, counters) is owned by the event loop thread and changes
+only between awaits. Worker threads (``asyncio.to_thread``) hash, read, write, rename and
+unlink files; they get what they need as arguments and never touch the bookkeeping.
+A digest in ``_busy`` has a file operation in flight (being written, or being unlinked as a
+victim); puts of that digest wait for it, and eviction never picks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alsd.errors import IntegrityError, StoreError
+
+log = logging.getLogger(__name__)
+
+DIGEST_PREFIX = "sha256:"
+_HEX_RE = re.compile(r"[0-9a-f]{64}")
+# Below this size hashing in the loop is cheaper than a hop to a worker thread.
+_INLINE_HASH_MAX = 64 * 1024
+# A read refreshes the file's mtime (the LRU order used after a restart) at most this often.
+_TOUCH_INTERVAL_NS = 60 * 1_000_000_000
+_STATE_FILE = "store-state"
+_BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+
+
+def chunk_hex(digest: str) -> str | None:
+    """The 64 lowercase hex digits of a ``sha256:<hex>`` digest, or None if malformed."""
+    if not digest.startswith(DIGEST_PREFIX):
+        return None
+    hx = digest[len(DIGEST_PREFIX) :]
+    return hx if _HEX_RE.fullmatch(hx) else None
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _boot_id() -> str | None:
+    try:
+        return _BOOT_ID_FILE.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _write_small_file_durably(path: Path, text: str) -> None:
+    """Write a tiny file atomically and durably (tmp, fsync, rename, fsync dir)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _syncfs(path: Path) -> None:
+    """Flush the filesystem holding ``path`` (syncfs(2); falls back to sync(2))."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            os.sync()
+    except (OSError, AttributeError):
+        os.sync()
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _OpenResult:
+    entries: list[tuple[str, int]]  # (hex, size), least recently used first
+    trusted: bool
+    swept: int
+    evicted: int
+    strays: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+class ChunkStore:
+    """Uncompressed chunks keyed by ``sha256:<hex>``, bounded by ``max_bytes``.
+
+    ``max_bytes`` counts chunk content bytes (file sizes), not filesystem blocks. The bound
+    is never exceeded: if room cannot be made because everything left is pinned or being
+    written, :meth:`put` declines (returns False) instead.
+
+    ``verify_reads=True`` re-hashes every chunk read from disk. Without it, only chunks that
+    may have been torn by an OS crash (see :meth:`open`) are re-hashed, once, on first read.
+    """
+
+    def __init__(self, root: Path, max_bytes: int, *, verify_reads: bool = False) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self._root = Path(root)
+        self._chunk_dir = self._root / "chunks" / "sha256"
+        self._tmp_dir = self._root / "tmp"
+        self._max = max_bytes
+        self._verify_reads = verify_reads
+        # hex -> size, least recently used first. With _total and _reserved this is the size
+        # invariant; only _account_add/_account_remove/_reserve/_unreserve change them.
+        self._lru: OrderedDict[str, int] = OrderedDict()
+        self._total = 0
+        self._reserved = 0
+        self._pins: dict[str, int] = {}
+        self._busy: dict[str, asyncio.Event] = {}
+        # Chunks that may be torn by an OS crash before their pages reached the disk.
+        self._unverified: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._opened = False
+        self._closed = False
+        self._failing = False  # a put failed and we warned; cleared by the next success
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+        self._put_failures = 0
+        self._put_declined = 0
+        self._corrupt = 0
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max
+
+    def path_for(self, digest: str) -> Path:
+        """Final path of a chunk (whether or not it is stored); for messages and tests."""
+        hx = chunk_hex(digest)
+        if hx is None:
+            raise ValueError(f"malformed chunk digest {digest!r}")
+        return self._path(hx)
+
+    def _path(self, hx: str) -> Path:
+        return self._chunk_dir / hx[:2] / hx
+
+    # ------------------------------------------------------------------ size invariant
+
+    def _check(self) -> None:
+        # Cheap O(1) form of the invariant; check_invariants() does the full O(n) check.
+        assert self._total >= 0 and self._reserved >= 0, (self._total, self._reserved)
+        assert self._total + self._reserved <= self._max, (self._total, self._reserved, self._max)
+
+    def _account_add(self, hx: str, size: int) -> None:
+        assert hx not in self._lru, hx
+        self._lru[hx] = size
+        self._total += size
+        self._check()
+
+    def _account_remove(self, hx: str) -> int:
+        size = self._lru.pop(hx)
+        self._total -= size
+        self._unverified.discard(hx)
+        self._check()
+        return size
+
+    def _reserve(self, size: int) -> list[str] | None:
+        """Make room for ``size`` more bytes by evicting LRU chunks; None if impossible.
+
+        Victims leave the table at once (reads of them miss from now on) and are marked
+        busy; the caller unlinks them in its worker thread and then clears the marks.
+        """
+        need = self._total + self._reserved + size - self._max
+        victims: list[str] = []
+        if need > 0:
+            freed = 0
+            for hx, sz in self._lru.items():  # least recently used first
+                if hx in self._pins or hx in self._busy:
+                    continue
+                victims.append(hx)
+                freed += sz
+                if freed >= need:
+                    break
+            if freed < need:
+                return None
+            for hx in victims:
+                self._account_remove(hx)
+                self._busy[hx] = asyncio.Event()
+            self._evictions += len(victims)
+        self._reserved += size
+        self._check()
+        return victims
+
+    def _unreserve(self, size: int) -> None:
+        self._reserved -= size
+        self._check()
+
+    def check_invariants(self) -> None:
+        """Full consistency check of the bookkeeping (O(n); for tests and debugging)."""
+        assert self._total == sum(self._lru.values()), (self._total, sum(self._lru.values()))
+        assert self._unverified <= self._lru.keys()
+        assert all(n > 0 for n in self._pins.values())
+        self._check()
+
+    # ------------------------------------------------------------------ pinning
+
+    def _pin(self, hx: str) -> None:
+        self._pins[hx] = self._pins.get(hx, 0) + 1
+
+    def _unpin(self, hx: str) -> None:
+        n = self._pins[hx] - 1
+        if n:
+            self._pins[hx] = n
+        else:
+            del self._pins[hx]
+
+    @contextlib.contextmanager
+    def pinned(self, digest: str) -> Iterator[None]:
+        """Keep ``digest`` from being evicted while the block runs (it need not be stored)."""
+        hx = chunk_hex(digest)
+        if hx is None:
+            raise ValueError(f"malformed chunk digest {digest!r}")
+        self._pin(hx)
+        try:
+            yield
+        finally:
+            self._unpin(hx)
+
+    # ------------------------------------------------------------------ open / close
+
+    async def open(self) -> None:
+        """Create the layout, sweep ``tmp/`` and rebuild accounting and LRU order from disk.
+
+        The scan runs in a worker thread (one stat per chunk). LRU order after a restart is
+        the files' mtime order; reads refresh mtime at most once a minute. If the previous
+        run did not close cleanly *and* the machine rebooted since (boot id differs), chunk
+        files written without fsync may be torn, so every chunk is re-hashed on its first
+        read. A mere process crash leaves the page cache intact and needs no re-check.
+        """
+        if self._opened:
+            raise StoreError("chunk store already open")
+        try:
+            res = await asyncio.to_thread(self._open_sync)
+        except OSError as exc:
+            raise StoreError(f"cannot open chunk store at {self._root}: {exc}") from exc
+        for msg in res.warnings:
+            log.warning("%s", msg)
+        for hx, size in res.entries:
+            self._lru[hx] = size
+            self._total += size
+        if not res.trusted:
+            self._unverified = set(self._lru)
+        self._check()
+        self._evictions += res.evicted
+        self._opened = True
+        log.info(
+            "chunk store %s: %d chunks, %d bytes (limit %d); swept %d tmp files, "
+            "evicted %d, removed %d stray files%s",
+            self._root,
+            len(self._lru),
+            self._total,
+            self._max,
+            res.swept,
+            res.evicted,
+            res.strays,
+            "" if res.trusted else "; unclean shutdown across a reboot: chunks re-hashed on read",
+        )
+
+    def _open_sync(self) -> _OpenResult:
+        warnings: list[str] = []
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._chunk_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(256):
+            (self._chunk_dir / f"{i:02x}").mkdir(exist_ok=True)
+
+        swept = 0
+        with os.scandir(self._tmp_dir) as it:
+            for entry in it:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                    swept += 1
+                except OSError as exc:
+                    warnings.append(f"chunk store: cannot remove leftover {entry.path}: {exc}")
+
+        state_path = self._root / _STATE_FILE
+        try:
+            state = state_path.read_text().split()
+        except FileNotFoundError:
+            state = []
+        boot = _boot_id()
+        trusted = state == ["clean"] or (
+            len(state) == 2 and state[0] == "open" and boot is not None and state[1] == boot
+        )
+        # Durable before any chunk is written in this run: if the OS crashes from here on,
+        # the next open sees "open <this boot>" with a new boot id and re-hashes.
+        _write_small_file_durably(state_path, f"open {boot or 'unknown'}\n")
+
+        found: list[tuple[int, str, int]] = []
+        strays = 0
+        for i in range(256):
+            prefix = f"{i:02x}"
+            with os.scandir(self._chunk_dir / prefix) as it:
+                for entry in it:
+                    name = entry.name
+                    if entry.is_file(follow_symlinks=False) and (
+                        _HEX_RE.fullmatch(name) and name.startswith(prefix)
+                    ):
+                        st = entry.stat(follow_symlinks=False)
+                        found.append((st.st_mtime_ns, name, st.st_size))
+                        continue
+                    # Not something we wrote: a file that is not a chunk must not be trusted.
+                    if not entry.is_dir(follow_symlinks=False):
+                        try:
+                            os.unlink(entry.path)
+                            strays += 1
+                        except OSError as exc:
+                            warnings.append(f"chunk store: cannot remove stray {entry.path}: {exc}")
+        found.sort()
+        total = sum(size for _, _, size in found)
+        evicted = 0
+        start = 0
+        # The limit may have been lowered since the last run: drop the oldest first.
+        while total > self._max and start < len(found):
+            _, hx, size = found[start]
+            start += 1
+            try:
+                os.unlink(self._path(hx))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                warnings.append(f"chunk store: cannot evict {hx}: {exc}")
+            total -= size
+            evicted += 1
+        entries = [(hx, size) for _, hx, size in found[start:]]
+        return _OpenResult(entries, trusted, swept, evicted, strays, warnings)
+
+    async def close(self) -> None:
+        """Finish pending writes, flush the filesystem and mark the store cleanly closed."""
+        if not self._opened or self._closed:
+            return
+        self._closed = True
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await asyncio.to_thread(self._close_sync)
+        except OSError as exc:
+            log.warning("chunk store %s: not marked clean at close: %s", self._root, exc)
+
+    def _close_sync(self) -> None:
+        _syncfs(self._root)
+        _write_small_file_durably(self._root / _STATE_FILE, "clean\n")
+
+    def _ensure_open(self) -> None:
+        if not self._opened or self._closed:
+            raise StoreError("chunk store is not open")
+
+    # ------------------------------------------------------------------ queries
+
+    def has(self, digest: str) -> bool:
+        """True if the chunk is stored (a later get() may still miss if the file went bad)."""
+        hx = chunk_hex(digest)
+        return hx is not None and hx in self._lru
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "bytes": self._total,
+            "count": len(self._lru),
+            "max_bytes": self._max,
+            "reserved": self._reserved,
+            "pinned": len(self._pins),
+            "hits": self._hits,
+            "misses": self._misses,
+            "evictions": self._evictions,
+            "put_failures": self._put_failures,
+            "put_declined": self._put_declined,
+            "corrupt": self._corrupt,
+            "unverified": len(self._unverified),
+        }
+
+    # ------------------------------------------------------------------ get
+
+    async def get(self, digest: str) -> bytes | None:
+        """The chunk's bytes, or None if not stored or its file is missing/damaged.
+
+        A file whose size differs from the recorded one, that cannot be read, or (when it
+        must be re-hashed) whose content does not match, is deleted and reported as a miss.
+        The chunk is pinned while its file is read, so eviction cannot remove it meanwhile.
+        """
+        self._ensure_open()
+        hx = chunk_hex(digest)
+        size = self._lru.get(hx) if hx is not None else None
+        if hx is None or size is None:
+            self._misses += 1
+            return None
+        self._lru.move_to_end(hx)
+        verify = self._verify_reads or hx in self._unverified
+        self._pin(hx)
+        try:
+            result = await asyncio.to_thread(self._read_sync, hx, size, verify)
+        finally:
+            self._unpin(hx)
+        if isinstance(result, str):
+            self._drop_bad(hx, result)
+            self._misses += 1
+            return None
+        self._unverified.discard(hx)
+        self._hits += 1
+        return result
+
+    def _read_sync(self, hx: str, size: int, verify: bool) -> bytes | str:
+        """Read a chunk file; returns the bytes or a description of what is wrong."""
+        path = self._path(hx)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return "file is missing"
+        except OSError as exc:
+            return f"cannot open: {exc}"
+        try:
+            st = os.fstat(fd)
+            if st.st_size != size:
+                return f"file has {st.st_size} bytes, {size} recorded"
+            parts: list[bytes] = []
+            got = 0
+            while got < size:
+                part = os.pread(fd, size - got, got)
+                if not part:
+                    break
+                parts.append(part)
+                got += len(part)
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            if len(data) != size:
+                return f"short read: {len(data)} of {size} bytes"
+            if verify and _sha256_hex(data) != hx:
+                return "content does not match its digest"
+            if time.time_ns() - st.st_mtime_ns > _TOUCH_INTERVAL_NS:
+                # Refresh the restart-time LRU order; failure (read-only fs) is harmless.
+                with contextlib.suppress(OSError):
+                    os.utime(fd)
+            return data
+        except OSError as exc:
+            return f"read error: {exc}"
+        finally:
+            os.close(fd)
+
+    def _drop_bad(self, hx: str, reason: str) -> None:
+        self._corrupt += 1
+        log.warning("chunk store: discarding sha256:%s: %s", hx, reason)
+        if hx not in self._lru or hx in self._busy:
+            return  # a concurrent reader already dropped it
+        self._account_remove(hx)
+        self._busy[hx] = asyncio.Event()
+        self._spawn(self._unlink_later(hx))
+
+    async def _unlink_later(self, hx: str) -> None:
+        try:
+            await asyncio.to_thread(self._unlink_sync, [hx])
+        finally:
+            self._busy.pop(hx).set()
+
+    def _unlink_sync(self, hexes: list[str]) -> None:
+        for hx in hexes:
+            try:
+                os.unlink(self._path(hx))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                # Left on disk, unaccounted; the next open() counts it again.
+                log.warning("chunk store: cannot remove sha256:%s: %s", hx, exc)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------ put
+
+    async def put(self, digest: str, data: bytes) -> bool:
+        """Store a chunk; True if it is stored now (or already was), False if not.
+
+        Raises IntegrityError, writing nothing, if ``data`` does not hash to ``digest``.
+        Returns False when the chunk cannot be stored: the disk is full or failing (one
+        warning until a put succeeds again), the chunk is larger than the limit, or no room
+        can be made because the remaining chunks are pinned. The caller then serves ``data``
+        from memory. Cancelling the caller does not cancel the write: accounting stays
+        exact because the commit runs as its own task.
+        """
+        self._ensure_open()
+        hx = chunk_hex(digest)
+        if hx is None:
+            raise IntegrityError(f"malformed chunk digest {digest!r}")
+        if len(data) <= _INLINE_HASH_MAX:
+            actual = _sha256_hex(data)
+        else:
+            actual = await asyncio.to_thread(_sha256_hex, data)
+        if actual != hx:
+            raise IntegrityError(f"chunk {digest}: content hashes to {DIGEST_PREFIX}{actual}")
+        while (ev := self._busy.get(hx)) is not None:
+            await ev.wait()
+        self._ensure_open()
+        if hx in self._lru:
+            self._lru.move_to_end(hx)
+            return True
+        size = len(data)
+        victims = self._reserve(size)
+        if victims is None:
+            self._put_declined += 1
+            log.debug(
+                "chunk store: no room for %s (%d bytes; %d stored, limit %d)",
+                digest,
+                size,
+                self._total,
+                self._max,
+            )
+            return False
+        self._busy[hx] = asyncio.Event()
+        task = self._spawn(self._commit(hx, data, victims))
+        result: bool = await asyncio.shield(task)
+        return result
+
+    async def _commit(self, hx: str, data: bytes, victims: list[str]) -> bool:
+        size = len(data)
+        err: OSError | None
+        try:
+            err = await asyncio.to_thread(self._write_sync, hx, data, victims)
+        except BaseException:
+            err = OSError(errno.EIO, "write interrupted")
+            raise
+        finally:
+            self._unreserve(size)
+            for v in victims:
+                self._busy.pop(v).set()
+            if err is None:
+                self._account_add(hx, size)
+            self._busy.pop(hx).set()
+        if err is None:
+            if self._failing:
+                self._failing = False
+                log.info("chunk store %s: storing chunks again", self._root)
+            return True
+        self._put_failures += 1
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "chunk store %s: cannot store chunks (%s); serving fetched data from memory "
+                "until the disk recovers",
+                self._root,
+                err,
+            )
+        return False
+
+    def _write_sync(self, hx: str, data: bytes, victims: list[str]) -> OSError | None:
+        # No fsync: chunks are a cache. A process crash keeps the page cache; an OS crash
+        # is detected at the next open() (boot id) and then every chunk is re-hashed.
+        self._unlink_sync(victims)
+        tmp = self._tmp_dir / f"{hx}.{secrets.token_hex(6)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+            finally:
+                os.close(fd)
+            os.rename(tmp, self._path(hx))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return exc
+        return None
