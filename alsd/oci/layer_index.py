@@ -1,0 +1,898 @@
+"""The immutable, compact index of one lazily pullable layer (sans-I/O).
+
+A :class:`LayerIndex` is what every format reader (eStargz, stargz, zstd:chunked) produces
+from a TOC and what the engine and the FUSE layer consult: the directory tree, the
+attributes of every node, and for every regular file the chunks to fetch and verify.
+
+Storage is columnar so that an index of 100 000 entries stays well under 200 bytes per
+entry: one ``array.array`` per attribute, names in one ``bytes`` blob, chunk digests as raw
+32-byte strings in one ``bytes``.  :class:`NodeAttr` and :class:`Chunk` objects are made on
+demand by the accessors.  Nodes are numbered breadth-first from the root (node 0); the
+children of each directory are one contiguous run of "dirents", sorted by name bytes, so
+``lookup`` is a binary search and ``readdir`` a slice.
+
+:func:`build_index` turns the decoded TOC JSON entries (eStargz and zstd:chunked share the
+schema, spec.md 3.3 and 4.1) into an index and rejects bad input with a
+:class:`~alsd.errors.FormatError` that names the entry and the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import calendar
+import itertools
+import re
+import sys
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any, ClassVar
+
+from alsd.errors import FormatError
+
+
+class LayerFormat(StrEnum):
+    ESTARGZ = "estargz"
+    STARGZ = "stargz"
+    ZSTD_CHUNKED = "zstd:chunked"
+
+
+class EntryKind(IntEnum):
+    DIR = 0
+    REG = 1
+    SYMLINK = 2
+    HARDLINK = 3  # only in TOCs; hardlinks share the target's node and are never exposed
+    CHAR = 4
+    BLOCK = 5
+    FIFO = 6
+    WHITEOUT = 7  # overlay whiteout (char 0/0) made from ".wh.NAME"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAttr:
+    kind: EntryKind
+    mode: int  # permission bits incl. suid/sgid/sticky, no S_IFMT bits
+    uid: int
+    gid: int
+    size: int  # REG: content size; SYMLINK: len(target.encode()); else 0
+    mtime_ns: int
+    nlink: int  # hardlinks share one node; nlink counts the names
+    rdev_major: int
+    rdev_minor: int
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    file_offset: int  # offset of this chunk inside the file
+    size: int  # uncompressed length
+    blob_offset: int  # start of the gzip member / zstd frame holding it
+    inner_offset: int  # uncompressed bytes to skip in that member before the chunk
+    fetch_end: int  # exclusive end of the compressed range [blob_offset, fetch_end)
+    digest: str  # "sha256:<hex>" of the chunk's uncompressed bytes
+    zeros: bool = False  # zstd:chunked "zeros" chunk: all zero bytes, nothing to fetch
+
+
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+TOC_TAR_NAME = "stargz.index.json"
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+
+_NO_PARENT = 0xFFFFFFFF
+_STATE_VERSION = 1
+# Names are kept as bytes; surrogatepass lets a JSON "\udc80" escape round-trip.
+_ENC = "utf-8"
+_ERRORS = "surrogatepass"
+
+_TYPES = {
+    "dir": EntryKind.DIR,
+    "reg": EntryKind.REG,
+    "symlink": EntryKind.SYMLINK,
+    "hardlink": EntryKind.HARDLINK,
+    "char": EntryKind.CHAR,
+    "block": EntryKind.BLOCK,
+    "fifo": EntryKind.FIFO,
+}
+
+# Typecodes of the columns; to_state() stores their bytes, so they are part of the format.
+_NODE_COLS = {
+    "kind": "B",
+    "mode": "H",
+    "uid": "I",
+    "gid": "I",
+    "size": "q",
+    "mtime": "q",
+    "nlink": "I",
+    "parent": "I",
+    "name_ent": "I",
+    "child_start": "I",
+    "chunk_start": "I",
+}
+_ENT_COLS = {"ent_node": "I", "name_off": "I"}
+_CHUNK_COLS = {"c_file_off": "q", "c_blob_off": "q", "c_inner": "q", "c_fetch_end": "q"}
+_LINK_COLS = {"link_nodes": "I", "link_off": "I"}
+
+
+def normalize_name(name: str, *, what: str = "entry") -> str:
+    """``path.Clean("/"+name)`` minus the leading "/", refusing names that escape the root.
+
+    Returns "" for the root.  Absolute names and ".." that climbs above the root are
+    rejected rather than silently clamped: a TOC that contains them is not what a honest
+    producer writes, and clamping would alias two different names.
+    """
+    if name.startswith("/"):
+        raise FormatError(f"{what} {name!r}: absolute name")
+    if "\x00" in name:
+        raise FormatError(f"{what} {name!r}: NUL byte in name")
+    out: list[str] = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not out:
+                raise FormatError(f"{what} {name!r}: name escapes the root")
+            out.pop()
+            continue
+        out.append(part)
+    return "/".join(out)
+
+
+_RFC3339 = re.compile(
+    r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|z|[+-]\d\d:\d\d)$"
+)
+
+
+def parse_rfc3339_ns(value: str, *, entry: str = "") -> int:
+    """Nanoseconds since the epoch; "" and Go's zero time (year 1) mean unknown -> 0."""
+    if not value:
+        return 0
+    m = _RFC3339.match(value)
+    if m is None:
+        raise FormatError(f"entry {entry!r}: bad modtime {value!r}")
+    year, month, day, hh, mm, ss = (int(m.group(i)) for i in range(1, 7))
+    if year <= 1:
+        return 0
+    frac = (m.group(7) or "").ljust(9, "0")
+    tz = m.group(8)
+    try:
+        secs = calendar.timegm((year, month, day, hh, mm, ss, 0, 0, 0))
+    except (ValueError, OverflowError) as exc:
+        raise FormatError(f"entry {entry!r}: bad modtime {value!r}") from exc
+    if tz not in ("Z", "z"):
+        sign = 1 if tz[0] == "+" else -1
+        secs -= sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
+    return secs * 1_000_000_000 + int(frac)
+
+
+class LayerIndex:
+    """Immutable, compact, sans-I/O view of one layer's tree and chunks."""
+
+    ROOT: ClassVar[int] = 0
+
+    format: LayerFormat
+    toc_digest: str
+    verified: bool
+    blob_size: int
+    prefetch: str | None
+    prefetch_end: int
+    entry_count: int  # TOC entries (not counting "chunk" continuation entries)
+
+    __slots__ = (
+        "_c_digest",
+        "_c_zeros",
+        "_cols",
+        "_link_blob",
+        "_names",
+        "_rdev",
+        "_xattrs",
+        "blob_size",
+        "entry_count",
+        "format",
+        "prefetch",
+        "prefetch_end",
+        "toc_digest",
+        "verified",
+    )
+
+    def __init__(self) -> None:  # use build_index() or from_state()
+        self._cols: dict[str, array[int]] = {}
+        self._names = b""
+        self._c_digest = b""
+        self._c_zeros = b""
+        self._link_blob = b""
+        self._rdev: dict[int, tuple[int, int]] = {}
+        self._xattrs: dict[int, dict[str, bytes]] = {}
+
+    # -- tree -------------------------------------------------------------------------
+
+    def node_count(self) -> int:
+        return len(self._cols["kind"])
+
+    def _ent_name_bytes(self, ent: int) -> bytes:
+        off = self._cols["name_off"]
+        return self._names[off[ent] : off[ent + 1]]
+
+    def _ent_name(self, ent: int) -> str:
+        return self._ent_name_bytes(ent).decode(_ENC, _ERRORS)
+
+    def _check_node(self, node: int) -> None:
+        if not 0 <= node < len(self._cols["kind"]):
+            raise KeyError(node)
+
+    def lookup(self, parent: int, name: str) -> int | None:
+        self._check_node(parent)
+        cs = self._cols["child_start"]
+        lo, hi = cs[parent], cs[parent + 1]
+        try:
+            key = name.encode(_ENC, _ERRORS)
+        except UnicodeEncodeError:
+            return None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            cur = self._ent_name_bytes(mid)
+            if cur < key:
+                lo = mid + 1
+            elif cur > key:
+                hi = mid
+            else:
+                return self._cols["ent_node"][mid]
+        return None
+
+    def readdir(self, parent: int) -> Sequence[tuple[str, int]]:
+        self._check_node(parent)
+        cs = self._cols["child_start"]
+        ent_node = self._cols["ent_node"]
+        return [(self._ent_name(e), ent_node[e]) for e in range(cs[parent], cs[parent + 1])]
+
+    def attr(self, node: int) -> NodeAttr:
+        self._check_node(node)
+        c = self._cols
+        major, minor = self._rdev.get(node, (0, 0))
+        return NodeAttr(
+            kind=EntryKind(c["kind"][node]),
+            mode=c["mode"][node],
+            uid=c["uid"][node],
+            gid=c["gid"][node],
+            size=c["size"][node],
+            mtime_ns=c["mtime"][node],
+            nlink=c["nlink"][node],
+            rdev_major=major,
+            rdev_minor=minor,
+        )
+
+    def readlink(self, node: int) -> str:
+        self._check_node(node)
+        nodes = self._cols["link_nodes"]
+        i = bisect.bisect_left(nodes, node)
+        if i == len(nodes) or nodes[i] != node:
+            raise KeyError(f"node {node} is not a symlink")
+        off = self._cols["link_off"]
+        return self._link_blob[off[i] : off[i + 1]].decode(_ENC, _ERRORS)
+
+    def xattrs(self, node: int) -> Mapping[str, bytes]:
+        self._check_node(node)
+        return dict(self._xattrs.get(node, {}))
+
+    def path(self, node: int) -> str:
+        self._check_node(node)
+        parts: list[str] = []
+        parent = self._cols["parent"]
+        name_ent = self._cols["name_ent"]
+        while node != self.ROOT:
+            parts.append(self._ent_name(name_ent[node]))
+            node = parent[node]
+        return "/".join(reversed(parts))
+
+    def find(self, path: str) -> int | None:
+        try:
+            norm = normalize_name(path)
+        except FormatError:
+            return None
+        node: int | None = self.ROOT
+        for part in norm.split("/") if norm else []:
+            assert node is not None
+            node = self.lookup(node, part)
+            if node is None:
+                return None
+        return node
+
+    # -- chunks -----------------------------------------------------------------------
+
+    def _chunk(self, i: int, end_of_file: int) -> Chunk:
+        c = self._cols
+        file_off = c["c_file_off"][i]
+        return Chunk(
+            file_offset=file_off,
+            size=end_of_file - file_off,
+            blob_offset=c["c_blob_off"][i],
+            inner_offset=c["c_inner"][i],
+            fetch_end=c["c_fetch_end"][i],
+            digest="sha256:" + self._c_digest[32 * i : 32 * i + 32].hex(),
+            zeros=bool(self._c_zeros[i]),
+        )
+
+    def _chunk_range(self, node: int) -> tuple[int, int]:
+        cs = self._cols["chunk_start"]
+        return cs[node], cs[node + 1]
+
+    def _chunk_end(self, node: int, i: int, last: int) -> int:
+        # A chunk's size is not stored: it ends where the next chunk of the file starts.
+        if i + 1 < last:
+            return self._cols["c_file_off"][i + 1]
+        return self._cols["size"][node]
+
+    def chunks(self, node: int) -> Sequence[Chunk]:
+        self._check_node(node)
+        first, last = self._chunk_range(node)
+        return [self._chunk(i, self._chunk_end(node, i, last)) for i in range(first, last)]
+
+    def chunks_in_range(self, node: int, offset: int, size: int) -> Sequence[Chunk]:
+        """The chunks of ``node`` that overlap ``[offset, offset+size)``, by file offset."""
+        self._check_node(node)
+        if size <= 0:
+            return []
+        first, last = self._chunk_range(node)
+        offs = self._cols["c_file_off"]
+        start = max(first, bisect.bisect_right(offs, offset, first, last) - 1)
+        out: list[Chunk] = []
+        for i in range(start, last):
+            if offs[i] >= offset + size:
+                break
+            out.append(self._chunk(i, self._chunk_end(node, i, last)))
+        return out
+
+    def iter_chunks(self) -> Iterator[tuple[int, Chunk]]:
+        """Every chunk with its node, ordered by blob offset (then inner offset)."""
+        cs = self._cols["chunk_start"]
+        blob_off = self._cols["c_blob_off"]
+        inner = self._cols["c_inner"]
+        order = sorted(range(len(blob_off)), key=lambda i: (blob_off[i], inner[i]))
+        for i in order:
+            node = bisect.bisect_right(cs, i) - 1
+            _, last = self._chunk_range(node)
+            yield node, self._chunk(i, self._chunk_end(node, i, last))
+
+    def chunk_count(self) -> int:
+        return len(self._cols["c_file_off"])
+
+    def regular_file_count(self) -> int:
+        return self._cols["kind"].tolist().count(EntryKind.REG)
+
+    # -- persistence ------------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        """msgpack-friendly primitives only (int, str, bytes, list, dict, bool, None)."""
+        return {
+            "v": _STATE_VERSION,
+            "byteorder": sys.byteorder,
+            "format": str(self.format),
+            "toc_digest": self.toc_digest,
+            "verified": self.verified,
+            "blob_size": self.blob_size,
+            "prefetch": self.prefetch,
+            "prefetch_end": self.prefetch_end,
+            "entry_count": self.entry_count,
+            "cols": {k: v.tobytes() for k, v in self._cols.items()},
+            "names": self._names,
+            "c_digest": self._c_digest,
+            "c_zeros": self._c_zeros,
+            "link_blob": self._link_blob,
+            "rdev": [[n, ma, mi] for n, (ma, mi) in sorted(self._rdev.items())],
+            "xattrs": [[n, dict(x)] for n, x in sorted(self._xattrs.items())],
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> LayerIndex:
+        """Rebuild an index from :meth:`to_state` output; FormatError if it does not fit."""
+        try:
+            if state["v"] != _STATE_VERSION:
+                raise FormatError(f"index state version {state['v']!r} not supported")
+            idx = cls()
+            idx.format = LayerFormat(state["format"])
+            idx.toc_digest = str(state["toc_digest"])
+            idx.verified = bool(state["verified"])
+            idx.blob_size = int(state["blob_size"])
+            idx.prefetch = state["prefetch"]
+            idx.prefetch_end = int(state["prefetch_end"])
+            idx.entry_count = int(state["entry_count"])
+            swap = state["byteorder"] != sys.byteorder
+            for name, code in {**_NODE_COLS, **_ENT_COLS, **_CHUNK_COLS, **_LINK_COLS}.items():
+                a = array(code)
+                a.frombytes(bytes(state["cols"][name]))
+                if swap:
+                    a.byteswap()
+                idx._cols[name] = a
+            idx._names = bytes(state["names"])
+            idx._c_digest = bytes(state["c_digest"])
+            idx._c_zeros = bytes(state["c_zeros"])
+            idx._link_blob = bytes(state["link_blob"])
+            idx._rdev = {int(n): (int(ma), int(mi)) for n, ma, mi in state["rdev"]}
+            idx._xattrs = {
+                int(n): {str(k): bytes(v) for k, v in x.items()} for n, x in state["xattrs"]
+            }
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"index state is malformed: {exc!r}") from exc
+        n = len(idx._cols["kind"])
+        if (
+            len(idx._cols["child_start"]) != n + 1
+            or len(idx._cols["chunk_start"]) != n + 1
+            or len(idx._c_digest) != 32 * len(idx._cols["c_file_off"])
+        ):
+            raise FormatError("index state is malformed: column lengths disagree")
+        return idx
+
+    def __repr__(self) -> str:
+        return (
+            f"<LayerIndex {self.format} {self.toc_digest} nodes={self.node_count()} "
+            f"chunks={self.chunk_count()}>"
+        )
+
+
+# -- building ---------------------------------------------------------------------------
+
+
+class _Node:
+    """Temporary mutable node used only while building (discarded afterwards)."""
+
+    __slots__ = (
+        "children",
+        "chunks",
+        "end_offset",
+        "gid",
+        "implicit",
+        "kind",
+        "link",
+        "mode",
+        "mtime",
+        "name",
+        "nlink",
+        "rdev",
+        "size",
+        "uid",
+        "xattrs",
+    )
+
+    def __init__(self, kind: EntryKind, name: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.mode = 0o755
+        self.uid = 0
+        self.gid = 0
+        self.size = 0
+        self.mtime = 0
+        self.nlink = 0
+        self.rdev = (0, 0)
+        self.link = ""
+        self.xattrs: dict[str, bytes] = {}
+        self.children: dict[str, _Node] = {}
+        # (file_off, size, blob_off, inner, digest32, zeros)
+        self.chunks: list[tuple[int, int, int, int, bytes, bool]] = []
+        self.end_offset = -1
+        self.implicit = False
+
+
+def _int(e: Mapping[str, Any], key: str, name: str) -> int:
+    v = e.get(key, 0)
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise FormatError(f"entry {name!r}: {key} is not an integer: {v!r}")
+    return v
+
+
+def _str(e: Mapping[str, Any], key: str, name: str) -> str:
+    v = e.get(key, "")
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise FormatError(f"entry {name!r}: {key} is not a string: {v!r}")
+    return v
+
+
+def _digest32(value: str, name: str, key: str) -> bytes:
+    if not value.startswith("sha256:") or len(value) != 71:
+        raise FormatError(f"entry {name!r}: {key} {value!r} is not a sha256 digest")
+    try:
+        return bytes.fromhex(value[7:])
+    except ValueError as exc:
+        raise FormatError(f"entry {name!r}: {key} {value!r} is not a sha256 digest") from exc
+
+
+def build_index(
+    entries: Any,
+    *,
+    format: LayerFormat,
+    toc_digest: str,
+    verified: bool,
+    blob_size: int,
+    payload_end: int,
+) -> LayerIndex:
+    """Build a :class:`LayerIndex` from decoded TOC entries (a JSON list of objects).
+
+    ``payload_end`` is where the file payloads end (the TOC's start): every chunk must lie
+    in ``[0, payload_end)`` and a chunk's fetch range never goes beyond it.
+    """
+    if not isinstance(entries, list):
+        raise FormatError("TOC: 'entries' is not a list")
+    b = _Builder(payload_end)
+    for e in entries:
+        b.add(e)
+    return b.finish(format=format, toc_digest=toc_digest, verified=verified, blob_size=blob_size)
+
+
+class _Builder:
+    def __init__(self, payload_end: int) -> None:
+        self.payload_end = payload_end
+        self.root = _Node(EntryKind.DIR, "")
+        self.root.implicit = True
+        self.last_reg: _Node | None = None
+        self.last_reg_name = ""
+        self.hardlinks: list[tuple[str, str, Mapping[str, Any]]] = []
+        self.whiteouts: list[tuple[str, str, Mapping[str, Any]]] = []
+        self.opaque: list[str] = []
+        self.prefetch: str | None = None
+        self.prefetch_end = 0
+        self.entry_count = 0
+
+    # walking/creating directories
+    def _dir(self, path: str, full: str) -> _Node:
+        node = self.root
+        for part in path.split("/") if path else []:
+            child = node.children.get(part)
+            if child is None:
+                child = _Node(EntryKind.DIR, f"{node.name}/{part}" if node.name else part)
+                child.implicit = True
+                node.children[part] = child
+            elif child.kind != EntryKind.DIR:
+                raise FormatError(f"entry {full!r}: parent {part!r} is not a directory")
+            node = child
+        return node
+
+    def _lookup(self, path: str) -> _Node | None:
+        node = self.root
+        for part in path.split("/") if path else []:
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def _attrs(self, node: _Node, e: Mapping[str, Any], name: str) -> None:
+        mode = _int(e, "mode", name)
+        if mode < 0:
+            raise FormatError(f"entry {name!r}: negative mode")
+        node.mode = mode & 0o7777  # some writers keep the S_IFMT bits in "mode"
+        node.uid = _int(e, "uid", name)
+        node.gid = _int(e, "gid", name)
+        if node.uid < 0 or node.gid < 0 or node.uid > 0xFFFFFFFF or node.gid > 0xFFFFFFFF:
+            raise FormatError(f"entry {name!r}: uid/gid out of range")
+        node.mtime = parse_rfc3339_ns(_str(e, "modtime", name), entry=name)
+        xattrs = e.get("xattrs") or {}
+        if not isinstance(xattrs, dict):
+            raise FormatError(f"entry {name!r}: xattrs is not an object")
+        node.xattrs = {}
+        for k, v in xattrs.items():
+            if not isinstance(v, str):
+                raise FormatError(f"entry {name!r}: xattr {k!r} is not a base64 string")
+            try:
+                node.xattrs[k] = base64.b64decode(v, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise FormatError(f"entry {name!r}: xattr {k!r} is not valid base64") from exc
+
+    def add(self, e: Any) -> None:
+        if not isinstance(e, dict):
+            raise FormatError(f"TOC entry is not an object: {e!r:.80}")
+        raw_name = e.get("name")
+        typ = e.get("type")
+        if not isinstance(raw_name, str) or not isinstance(typ, str):
+            raise FormatError(f"TOC entry without a string name/type: {e!r:.120}")
+        name = normalize_name(raw_name)
+        if typ == "chunk":
+            self._add_chunk(e, name, raw_name)
+            return
+        self.entry_count += 1
+        kind = _TYPES.get(typ)
+        if kind is None:
+            raise FormatError(f"entry {raw_name!r}: unknown type {typ!r}")
+        parent_path, _, base = name.rpartition("/")
+        self.last_reg = None  # "chunk" entries continue only the reg entry just before
+        if name == "":
+            if kind != EntryKind.DIR:
+                raise FormatError(f"entry {raw_name!r}: the root must be a directory")
+            self._attrs(self.root, e, raw_name)
+            self.root.implicit = False
+            return
+        if parent_path == "" and base in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
+            # Landmarks are hidden; only their position matters (spec 3.6).
+            if base == PREFETCH_LANDMARK:
+                off = _int(e, "offset", raw_name)
+                if not 0 <= off <= self.payload_end:
+                    raise FormatError(f"entry {raw_name!r}: offset {off} outside the blob")
+                self.prefetch, self.prefetch_end = "landmark", off
+            elif self.prefetch is None:
+                self.prefetch, self.prefetch_end = "none", 0
+            return
+        if parent_path == "" and base == TOC_TAR_NAME:
+            return
+        if base == OPAQUE_MARKER:
+            self._dir(parent_path, raw_name)
+            self.opaque.append(parent_path)
+            return
+        if base.startswith(WHITEOUT_PREFIX):
+            target = base[len(WHITEOUT_PREFIX) :]
+            if target.startswith(WHITEOUT_PREFIX):
+                # Other ".wh..wh." names are aufs bookkeeping (plnk, orph): not content.
+                return
+            if target in ("", ".", ".."):
+                raise FormatError(f"entry {raw_name!r}: whiteout of an invalid name")
+            self._dir(parent_path, raw_name)
+            self.whiteouts.append((parent_path, target, e))
+            return
+        if kind == EntryKind.HARDLINK:
+            link = _str(e, "linkName", raw_name)
+            if not link:
+                raise FormatError(f"entry {raw_name!r}: hardlink without a target")
+            self.hardlinks.append((name, normalize_name(link, what="hardlink target"), e))
+            return
+        parent = self._dir(parent_path, raw_name)
+        node = parent.children.get(base)
+        if node is not None:
+            if node.kind != kind:
+                raise FormatError(
+                    f"entry {raw_name!r}: duplicate name with conflicting types "
+                    f"({node.kind.name.lower()} and {typ})"
+                )
+            if kind != EntryKind.DIR:
+                # Like tar extraction: a later entry of the same type replaces the earlier.
+                fresh = _Node(kind, name)
+                parent.children[base] = node = fresh
+            node.implicit = False
+        else:
+            node = _Node(kind, name)
+            parent.children[base] = node
+        self._attrs(node, e, raw_name)
+        if kind == EntryKind.SYMLINK:
+            node.link = _str(e, "linkName", raw_name)
+            node.size = len(node.link.encode(_ENC, _ERRORS))
+        elif kind in (EntryKind.CHAR, EntryKind.BLOCK):
+            major, minor = _int(e, "devMajor", raw_name), _int(e, "devMinor", raw_name)
+            if not (0 <= major <= 0xFFFFFFFF and 0 <= minor <= 0xFFFFFFFF):
+                raise FormatError(f"entry {raw_name!r}: device numbers out of range")
+            node.rdev = (major, minor)
+        elif kind == EntryKind.REG:
+            size = _int(e, "size", raw_name)
+            if size < 0:
+                raise FormatError(f"entry {raw_name!r}: negative size")
+            node.size = size
+            end = e.get("endOffset")
+            if end is not None:
+                node.end_offset = _int(e, "endOffset", raw_name)
+            self.last_reg, self.last_reg_name = node, name
+            if size > 0:
+                self._chunk_from(node, e, raw_name)
+
+    def _add_chunk(self, e: Mapping[str, Any], name: str, raw_name: str) -> None:
+        if self.last_reg is None:
+            raise FormatError(f"entry {raw_name!r}: chunk without a preceding regular file")
+        if name and name != self.last_reg_name:
+            raise FormatError(
+                f"entry {raw_name!r}: chunk does not belong to the preceding file "
+                f"{self.last_reg_name!r}"
+            )
+        self._chunk_from(self.last_reg, e, raw_name)
+
+    def _chunk_from(self, node: _Node, e: Mapping[str, Any], name: str) -> None:
+        file_off = _int(e, "chunkOffset", name)
+        size = _int(e, "chunkSize", name)
+        if file_off < 0 or size < 0:
+            raise FormatError(f"entry {name!r}: negative chunk offset or size")
+        if size == 0:
+            size = node.size - file_off  # 0 = "to the end of the file" (spec 3.3)
+            if size <= 0:
+                raise FormatError(f"entry {name!r}: chunk at {file_off} is beyond the file end")
+        blob_off = _int(e, "offset", name)
+        inner = _int(e, "innerOffset", name)
+        if blob_off < 0 or inner < 0:
+            raise FormatError(f"entry {name!r}: negative offset")
+        if blob_off >= self.payload_end:
+            raise FormatError(
+                f"entry {name!r}: offset {blob_off} outside the blob's payload "
+                f"(which ends at {self.payload_end})"
+            )
+        digest = _str(e, "chunkDigest", name)
+        if not digest:
+            # Single-chunk files may carry only the whole-file digest (spec 3.5, 4.1).
+            if file_off != 0 or size != node.size:
+                raise FormatError(f"entry {name!r}: chunk at {file_off} has no chunkDigest")
+            digest = _str(e, "digest", name)
+            if not digest:
+                raise FormatError(f"entry {name!r}: chunk at {file_off} has no digest")
+        zeros = _str(e, "chunkType", name) == "zeros"
+        node.chunks.append(
+            (file_off, size, blob_off, inner, _digest32(digest, name, "digest"), zeros)
+        )
+
+    def _resolve(self) -> None:
+        for name, target, _e in self.hardlinks:
+            tnode = self._lookup(target)
+            if tnode is None:
+                raise FormatError(f"entry {name!r}: hardlink target {target!r} is missing")
+            if tnode.kind != EntryKind.REG:
+                raise FormatError(
+                    f"entry {name!r}: hardlink target {target!r} is a "
+                    f"{tnode.kind.name.lower()}, not a regular file"
+                )
+            parent_path, _, base = name.rpartition("/")
+            parent = self._dir(parent_path, name)
+            existing = parent.children.get(base)
+            if existing is not None and existing is not tnode:
+                raise FormatError(f"entry {name!r}: duplicate name with conflicting types")
+            parent.children[base] = tnode
+        for parent_path, target, e in self.whiteouts:
+            parent = self._dir(parent_path, parent_path)
+            if target in parent.children:
+                continue  # a real entry of this layer wins over its own whiteout
+            wh = _Node(EntryKind.WHITEOUT, f"{parent_path}/{target}".lstrip("/"))
+            self._attrs(wh, e, f"{parent_path}/.wh.{target}")
+            wh.xattrs = {}
+            parent.children[target] = wh
+        for path in self.opaque:
+            d = self._dir(path, path)
+            for key in OPAQUE_XATTRS:
+                d.xattrs[key] = b"y"
+
+    def _finish_chunks(self, nodes: list[_Node]) -> None:
+        """Validate chunk coverage and overlap; compute fetch ends (spec 3.3/3.4, 4.1)."""
+        starts: set[int] = set()
+        members: dict[int, list[tuple[int, int, str]]] = {}
+        for n in nodes:
+            if n.kind != EntryKind.REG:
+                continue
+            n.chunks.sort(key=lambda c: c[0])
+            pos = 0
+            for file_off, size, blob_off, inner, _, _ in n.chunks:
+                if file_off < pos:
+                    raise FormatError(f"entry {n.name!r}: overlapping chunks at {file_off}")
+                if file_off > pos:
+                    raise FormatError(
+                        f"entry {n.name!r}: chunks do not cover the file ({pos}..{file_off})"
+                    )
+                pos = file_off + size
+                starts.add(blob_off)
+                members.setdefault(blob_off, []).append((inner, inner + size, n.name))
+            if pos != n.size:
+                raise FormatError(
+                    f"entry {n.name!r}: chunks cover {pos} bytes of a {n.size}-byte file"
+                )
+            if (
+                n.end_offset >= 0
+                and n.chunks
+                and not (n.chunks[-1][2] < n.end_offset <= self.payload_end)
+            ):
+                raise FormatError(
+                    f"entry {n.name!r}: endOffset {n.end_offset} outside the blob's payload"
+                )
+        for spans in members.values():
+            if len(spans) > 1:
+                spans.sort()
+                for (_, end, _), (start, _, name) in itertools.pairwise(spans):
+                    if start < end:
+                        raise FormatError(f"entry {name!r}: chunk overlaps another chunk")
+        self._starts = sorted(starts)
+
+    def _fetch_end(self, n: _Node, i: int) -> int:
+        blob_off = n.chunks[i][2]
+        if i == len(n.chunks) - 1 and n.end_offset >= 0:
+            return n.end_offset  # c/storage records where the file's last frame ends
+        # eStargz nextOffset: the next payload member start (or the TOC's start).
+        j = bisect.bisect_right(self._starts, blob_off)
+        return self._starts[j] if j < len(self._starts) else self.payload_end
+
+    def finish(
+        self, *, format: LayerFormat, toc_digest: str, verified: bool, blob_size: int
+    ) -> LayerIndex:
+        self._resolve()
+        # Breadth-first numbering; each dir's children form one run of dirents.
+        order: list[_Node] = [self.root]
+        ids: dict[int, int] = {id(self.root): 0}
+        parent_of: list[int] = [_NO_PARENT]
+        name_ent: list[int] = [_NO_PARENT]
+        child_count: list[int] = [0] * 1
+        ent_node = array("I")
+        name_off = array("I", [0])
+        names = bytearray()
+        qi = 0
+        while qi < len(order):
+            d = order[qi]
+            qi += 1
+            if d.kind != EntryKind.DIR:
+                continue
+            d_id = ids[id(d)]
+            kids = sorted(
+                ((k.encode(_ENC, _ERRORS), v) for k, v in d.children.items()),
+                key=lambda kv: kv[0],
+            )
+            child_count[d_id] = len(kids)
+            for kb, child in kids:
+                cid = ids.get(id(child))
+                ent = len(ent_node)
+                if cid is None:
+                    cid = len(order)
+                    ids[id(child)] = cid
+                    order.append(child)
+                    parent_of.append(d_id)
+                    name_ent.append(ent)
+                    child_count.append(0)
+                child.nlink += 1
+                ent_node.append(cid)
+                names += kb
+                name_off.append(len(names))
+        # Dirent runs were appended in increasing dir id order, so a prefix sum works.
+        n = len(order)
+        cols: dict[str, array[int]] = {k: array(code) for k, code in _NODE_COLS.items()}
+        pos = 0
+        for i in range(n):
+            cols["child_start"].append(pos)
+            pos += child_count[i]
+        cols["child_start"].append(pos)
+        self._finish_chunks(order)
+        c_cols: dict[str, array[int]] = {k: array(code) for k, code in _CHUNK_COLS.items()}
+        c_digest = bytearray()
+        c_zeros = bytearray()
+        link_nodes, link_off, link_blob = array("I"), array("I", [0]), bytearray()
+        rdev: dict[int, tuple[int, int]] = {}
+        xattrs: dict[int, dict[str, bytes]] = {}
+        subdirs = [0] * n
+        for i in range(1, n):
+            if order[i].kind == EntryKind.DIR:
+                subdirs[parent_of[i]] += 1
+        for i, node in enumerate(order):
+            cols["kind"].append(int(node.kind))
+            cols["mode"].append(node.mode)
+            cols["uid"].append(node.uid)
+            cols["gid"].append(node.gid)
+            cols["size"].append(node.size)
+            cols["mtime"].append(node.mtime)
+            nlink = 2 + subdirs[i] if node.kind == EntryKind.DIR else node.nlink
+            cols["nlink"].append(nlink)
+            cols["parent"].append(parent_of[i])
+            cols["name_ent"].append(name_ent[i])
+            cols["chunk_start"].append(len(c_cols["c_file_off"]))
+            for j, (file_off, _size, blob_off, inner, dig, zeros) in enumerate(node.chunks):
+                c_cols["c_file_off"].append(file_off)
+                c_cols["c_blob_off"].append(blob_off)
+                c_cols["c_inner"].append(inner)
+                c_cols["c_fetch_end"].append(self._fetch_end(node, j))
+                c_digest += dig
+                c_zeros.append(1 if zeros else 0)
+            if node.kind == EntryKind.SYMLINK:
+                link_nodes.append(i)
+                link_blob += node.link.encode(_ENC, _ERRORS)
+                link_off.append(len(link_blob))
+            if node.rdev != (0, 0):
+                rdev[i] = node.rdev
+            if node.xattrs:
+                xattrs[i] = node.xattrs
+        cols["chunk_start"].append(len(c_cols["c_file_off"]))
+        idx = LayerIndex()
+        idx.format = format
+        idx.toc_digest = toc_digest
+        idx.verified = verified
+        idx.blob_size = blob_size
+        idx.prefetch = self.prefetch
+        idx.prefetch_end = self.prefetch_end
+        idx.entry_count = self.entry_count
+        idx._cols = {**cols, **c_cols, "ent_node": ent_node, "name_off": name_off}
+        idx._cols["link_nodes"] = link_nodes
+        idx._cols["link_off"] = link_off
+        idx._names = bytes(names)
+        idx._c_digest = bytes(c_digest)
+        idx._c_zeros = bytes(c_zeros)
+        idx._link_blob = bytes(link_blob)
+        idx._rdev = rdev
+        idx._xattrs = xattrs
+        return idx
