@@ -262,6 +262,18 @@ class Tree:
         self._count_layer(t.layer)
         return self.diff_inode(t.layer, node)
 
+    def count(self, ino: int) -> None:
+        """One more kernel reference to an inode handed out by :meth:`readdir`
+        (readdirplus counts like a lookup)."""
+        if ino < _META_LIMIT:
+            m = self._meta.get(ino)
+            if m is not None:
+                m.lookups += 1
+            return
+        entry = self._layers.get((ino >> _LAYER_SHIFT) - 1)
+        if entry is not None:
+            entry.lookups += 1
+
     def _count_layer(self, layer: LayerLike) -> None:
         entry = self._layers.get(layer.layer_no)
         if entry is None or entry.layer is not layer:
