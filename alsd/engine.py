@@ -55,6 +55,7 @@ from alsd.oci.manifest import (
     parse_manifest,
 )
 from alsd.oci.reference import Reference, parse_reference
+from alsd.registry import ByteCounter
 from alsd.scheduler import Priority, Scheduler
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class EngineSettings:
 class RegistryLike(Protocol):
     """The part of alsd.registry.RegistryClient the engine uses."""
 
-    async def resolve(self, ref: Reference) -> Any: ...
+    async def resolve(self, ref: Reference, *, counter: Any = None) -> Any: ...
 
     async def read_ranges(
         self, ref: Any, digest: str, ranges: Sequence[tuple[int, int]], *, counter: Any = None
@@ -245,6 +246,8 @@ class Engine:
             max_ranges_per_request=s.max_ranges_per_request,
         )
         self.stats = EngineStats()
+        # Every registry request the engine causes is counted here (children per layer).
+        self.registry_counter = ByteCounter()
         self._images: dict[str, _Image] = {}
         self._image_tasks: dict[str, asyncio.Task[_Image]] = {}
         self._layers: dict[tuple[str, str], Layer] = {}
@@ -381,7 +384,7 @@ class Engine:
             raise UnknownLayer(f"{ref!r} is not a valid image reference: {exc}") from None
         self.stats.image_resolves += 1
         try:
-            resolved = await self._registry.resolve(reference)
+            resolved = await self._registry.resolve(reference, counter=self.registry_counter)
             manifest_bytes, config_bytes = _resolved_bytes(resolved)
             img = self._make_image(ref, manifest_bytes, config_bytes, time.time())
         except AlsdError:
@@ -524,7 +527,9 @@ class Engine:
         self, reference: Reference, digest: str, ranges: Sequence[tuple[int, int]]
     ) -> list[bytes]:
         self.stats.resolve_requests += 1
-        bodies = await self._registry.read_ranges(reference, digest, ranges)
+        bodies = await self._registry.read_ranges(
+            reference, digest, ranges, counter=self.registry_counter
+        )
         if len(bodies) != len(ranges) or any(
             len(b) != e - s for b, (s, e) in zip(bodies, ranges, strict=False)
         ):
@@ -572,6 +577,7 @@ class Engine:
             format=index.format,
             blob_size=desc.size,
             path_of=index.path,
+            counter=ByteCounter(parent=self.registry_counter),
         )
         return Layer(
             ref=img.ref,
@@ -748,7 +754,10 @@ class Engine:
             async with self.scheduler.slot(Priority.DEMAND):
                 self.stats.blob_requests += 1
                 (body,) = await self._registry.read_ranges(
-                    layer.source.ref, layer.blob_digest, [(offset, fetch_end)]
+                    layer.source.ref,
+                    layer.blob_digest,
+                    [(offset, fetch_end)],
+                    counter=layer.source.counter,
                 )
         if len(body) != fetch_end - offset:
             raise RegistryError(f"{layer.source.name}: short blob read at {offset}")
@@ -765,7 +774,7 @@ class Engine:
             layer.prefetch_state = "disabled"
             return
         if idx.prefetch != "landmark" or idx.prefetch_end <= 0:
-            layer.prefetch_state = "none" if idx.prefetch is None else "no-landmark"
+            layer.prefetch_state = "no landmark" if idx.prefetch is None else "disabled by landmark"
             return
         layer.prefetch_state = "running"
         end = idx.prefetch_end
@@ -884,6 +893,7 @@ class Engine:
                     "bytes_fetched": layer.stats.bytes_fetched,
                     "bytes_served": layer.stats.bytes_served,
                     "requests": layer.stats.requests,
+                    "http_requests": layer.source.counter.requests,
                     "prefetch": layer.prefetch_state,
                     "prefetch_end": layer.index.prefetch_end,
                     "background": layer.background_state,
@@ -899,6 +909,10 @@ class Engine:
             "inflight_chunks": self.fetcher.inflight_count(),
             "scheduler": self.scheduler.status(),
             "engine": dict(vars(self.stats)),
+            "registry": {
+                "requests": self.registry_counter.requests,
+                "bytes": self.registry_counter.bytes,
+            },
         }
 
 

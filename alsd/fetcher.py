@@ -77,6 +77,7 @@ class BlobSource:
     blob_size: int
     path_of: Callable[[int], str]  # node -> path, for error messages
     stats: ByteStats = field(default_factory=ByteStats)
+    counter: Any = None  # the registry's ByteCounter for this blob (HTTP requests, bytes)
 
 
 @dataclass
@@ -339,7 +340,7 @@ class Fetcher:
                 t0 = time.monotonic()
                 try:
                     bodies = await self._registry.read_ranges(
-                        source.ref, source.blob_digest, ranges
+                        source.ref, source.blob_digest, ranges, counter=source.counter
                     )
                 finally:
                     self.stats.observe(time.monotonic() - t0)
