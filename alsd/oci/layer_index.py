@@ -537,6 +537,7 @@ class _Builder:
         self.prefetch: str | None = None
         self.prefetch_end = 0
         self.entry_count = 0
+        self.extra_starts: set[int] = set()
 
     # walking/creating directories
     def _dir(self, path: str, full: str) -> _Node:
@@ -608,10 +609,11 @@ class _Builder:
             return
         if parent_path == "" and base in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
             # Landmarks are hidden; only their position matters (spec 3.6).
+            off = _int(e, "offset", raw_name)
+            if not 0 <= off <= self.payload_end:
+                raise FormatError(f"entry {raw_name!r}: offset {off} outside the blob")
+            self.extra_starts.add(off)  # its member bounds the previous payload's range
             if base == PREFETCH_LANDMARK:
-                off = _int(e, "offset", raw_name)
-                if not 0 <= off <= self.payload_end:
-                    raise FormatError(f"entry {raw_name!r}: offset {off} outside the blob")
                 self.prefetch, self.prefetch_end = "landmark", off
             elif self.prefetch is None:
                 self.prefetch, self.prefetch_end = "none", 0
@@ -747,7 +749,7 @@ class _Builder:
 
     def _finish_chunks(self, nodes: list[_Node]) -> None:
         """Validate chunk coverage and overlap; compute fetch ends (spec 3.3/3.4, 4.1)."""
-        starts: set[int] = set()
+        starts: set[int] = {o for o in self.extra_starts if o > 0}
         members: dict[int, list[tuple[int, int, str]]] = {}
         for n in nodes:
             if n.kind != EntryKind.REG:
