@@ -72,7 +72,7 @@ class Descriptor:
     media_type: str
     digest: str
     size: int
-    annotations: Mapping[str, str] = field(default=_EMPTY)
+    annotations: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     urls: tuple[str, ...] = ()
     platform: Platform | None = None
 
@@ -82,14 +82,14 @@ class Manifest:
     media_type: str
     config: Descriptor
     layers: tuple[Descriptor, ...]
-    annotations: Mapping[str, str] = field(default=_EMPTY)
+    annotations: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
 
 
 @dataclass(frozen=True, slots=True)
 class Index:
     media_type: str
     manifests: tuple[Descriptor, ...]
-    annotations: Mapping[str, str] = field(default=_EMPTY)
+    annotations: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +220,7 @@ def parse_config(data: bytes) -> ImageConfig:
     d = _obj(doc, "image config")
     rootfs = _obj(d.get("rootfs"), "image config rootfs")
     diff_ids = rootfs.get("diff_ids")
-    if not isinstance(diff_ids, list) or not all(
-        isinstance(x, str) and ":" in x for x in diff_ids
-    ):
+    if not isinstance(diff_ids, list) or not all(isinstance(x, str) and ":" in x for x in diff_ids):
         raise FormatError("image config: rootfs.diff_ids must be a list of digests")
     return ImageConfig(
         tuple(diff_ids),
