@@ -257,7 +257,7 @@ class MetadataStore:
                 or set(record) != {"kind", "key", "obj"}
                 or record["kind"] != kind
                 or not isinstance(record["key"], str)
-                or (key is not None and record["key"] != key)
+                # The key must hash to this file's name (also when key is None, in iter).
                 or self.path_for(kind, record["key"]) != path
             ):
                 raise MetadataError("record does not belong under this name")
