@@ -193,9 +193,10 @@ def test_footer_alone_finds_the_toc(layout: OciLayout) -> None:
     assert loc.producer == formats.ZstdProducer.CSTORAGE
     assert loc.tarsplit is not None
     # c/storage's TOC digest covers the compressed manifest.
-    assert formats.index_blob(blob, {}).toc_digest == podman54.annotations[
-        formats.ANN_CSTORAGE_CHECKSUM
-    ]
+    assert (
+        formats.index_blob(blob, {}).toc_digest
+        == podman54.annotations[formats.ANN_CSTORAGE_CHECKSUM]
+    )
 
 
 def test_plain_gzip_layers_are_not_lazy(layout: OciLayout) -> None:
