@@ -164,12 +164,11 @@ def test_prefetch_landmarks(layout: OciLayout) -> None:
 
 
 def test_uncompressed_sizes(layout: OciLayout) -> None:
-    gzip_layers = layout.image("gzip").layers
     for tag in ("esgz", "zstdchunked-stargz"):
         for layer in layout.image(tag).layers:
             size = formats.uncompressed_size_from_annotations(layer.annotations)
             assert size == len(_decompress(layout.blob(layer.digest)))
-    for layer, plain in zip(layout.image("zstdchunked-podman54").layers, gzip_layers, strict=True):
+    for layer in layout.image("zstdchunked-podman54").layers:
         blob = layout.blob(layer.digest)
         loc = formats.detect(blob[-formats.TAIL_SIZE :], len(blob), layer.annotations)
         assert loc.tarsplit is not None
