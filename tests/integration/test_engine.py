@@ -1,0 +1,506 @@
+"""The layer engine against a real docker-registry holding the fixture images.
+
+Every test reads through the real RegistryClient, ChunkStore and MetadataStore. Registry
+requests are counted with the client's ByteCounter, which the engine passes on every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from alsd.chunkstore import ChunkStore
+from alsd.engine import Engine, EngineSettings, Layer
+from alsd.errors import IntegrityError, NotLazyError, UnknownLayer
+from alsd.metadata import MetadataStore
+from alsd.regconf import RegistriesConf, RegistryEntry
+from alsd.registry import RegistryClient
+from tests.support.oci_layout import OciLayout
+
+pytestmark = pytest.mark.registry
+
+REPO = Path(__file__).resolve().parents[2]
+LAZY_TAGS = ["esgz", "esgz-noopt", "zstdchunked-podman43", "zstdchunked-podman54",
+             "zstdchunked-stargz"]
+ALL_TAGS = ["gzip", *LAZY_TAGS]
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Registry:
+    host: str  # 127.0.0.1:PORT
+    data: Path  # the registry's storage root
+
+    def blob_file(self, digest: str) -> Path:
+        hexd = digest.removeprefix("sha256:")
+        return self.data / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory, fixtures: Path) -> Iterator[Registry]:
+    """A real docker-registry on a free loopback port with every fixture tag pushed.
+
+    Kept local until the shared registry fixture lands in tests/support.
+    """
+    d = tmp_path_factory.mktemp("registry")
+    port = _free_port()
+    (d / "config.yml").write_text(
+        "version: 0.1\n"
+        "log: {level: warn}\n"
+        f"storage: {{filesystem: {{rootdirectory: {d / 'data'}}}, delete: {{enabled: true}}}}\n"
+        f"http: {{addr: 127.0.0.1:{port}}}\n"
+    )
+    log = (d / "registry.log").open("wb")
+    proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")],
+                            stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"docker-registry exited: {(d / 'registry.log').read_text()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    pytest.fail("docker-registry did not answer within 30 s")
+                time.sleep(0.1)  # polling interval, not a wait for a condition
+        host = f"127.0.0.1:{port}"
+        for tag in ALL_TAGS:
+            subprocess.run(
+                ["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
+                 f"oci:{fixtures / 'images'}:{tag}", f"docker://{host}/fx:{tag}"],
+                check=True, capture_output=True, timeout=120,
+            )
+        yield Registry(host, d / "data")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def layout(fixtures: Path) -> OciLayout:
+    return OciLayout(fixtures / "images")
+
+
+@pytest.fixture(scope="module")
+def gzip_files(layout: OciLayout) -> list[dict[str, bytes]]:
+    """Regular files of each layer of the gzip tag, extracted with tarfile (no alsd code)."""
+    out: list[dict[str, bytes]] = []
+    for layer in layout.image("gzip").layers:
+        files: dict[str, bytes] = {}
+        with tarfile.open(fileobj=io.BytesIO(layout.blob(layer.digest)), mode="r:gz") as tf:
+            for m in tf:
+                name = m.name.removeprefix("./").rstrip("/")
+                if m.isreg() and not name.rsplit("/", 1)[-1].startswith(".wh."):
+                    f = tf.extractfile(m)
+                    assert f is not None
+                    files[name] = f.read()
+        out.append(files)
+    return out
+
+
+def _client(reg: Registry) -> RegistryClient:
+    conf = RegistriesConf(registries=(RegistryEntry(reg.host, reg.host, insecure=True),))
+    return RegistryClient(registries=conf)
+
+
+@dataclass
+class Env:
+    engine: Engine
+    store: ChunkStore
+    client: RegistryClient
+    state: Path
+
+
+class EngineFactory:
+    def __init__(self, reg: Registry, state: Path) -> None:
+        self.reg = reg
+        self.state = state
+        self.envs: list[Env] = []
+
+    async def make(self, *, state: Path | None = None, max_bytes: int = 1 << 30,
+                   **settings: object) -> Env:
+        state = state or self.state
+        settings.setdefault("prefetch_landmark", False)
+        settings.setdefault("prefetch_background", False)
+        store = ChunkStore(state / "chunks", max_bytes)
+        await store.open()
+        meta = MetadataStore(state / "meta")
+        client = _client(self.reg)
+        engine = Engine(client, store, meta, EngineSettings(**settings))  # type: ignore[arg-type]
+        await engine.load_state()
+        env = Env(engine, store, client, state)
+        self.envs.append(env)
+        return env
+
+    async def close(self, env: Env) -> None:
+        if env in self.envs:
+            self.envs.remove(env)
+            await env.engine.close()
+            await env.store.close()
+            await env.client.close()
+
+
+@pytest.fixture
+async def factory(registry: Registry, tmp_path: Path) -> AsyncIterator[EngineFactory]:
+    f = EngineFactory(registry, tmp_path / "state")
+    yield f
+    for env in list(f.envs):
+        await f.close(env)
+
+
+def _ref(reg: Registry, tag: str) -> str:
+    return f"{reg.host}/fx:{tag}"
+
+
+async def _read_all(engine: Engine, layer: Layer, path: str, piece: int = 0) -> bytes:
+    node = layer.index.find(path)
+    assert node is not None, path
+    size = layer.index.attr(node).size
+    if not piece:
+        return await engine.read(layer, node, 0, size + 100)
+    out = b""
+    for off in range(0, size, piece):
+        out += await engine.read(layer, node, off, piece)
+    return out
+
+
+async def _until(pred: object, what: str, timeout_s: float = 60) -> None:
+    assert callable(pred)
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)  # polling interval
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("tag", LAZY_TAGS)
+async def test_every_file_equals_the_gzip_tag(
+    tag: str, registry: Registry, layout: OciLayout, gzip_files: list[dict[str, bytes]],
+    factory: EngineFactory,
+) -> None:
+    env = await factory.make()
+    image = layout.image(tag)
+    assert len(image.layers) == len(gzip_files)
+    for i, desc in enumerate(image.layers):
+        layer = await env.engine.get_layer(_ref(registry, tag), desc.digest)
+        assert layer.blob_digest == desc.digest
+        assert layer.position == i
+        for path, content in gzip_files[i].items():
+            assert await _read_all(env.engine, layer, path) == content, (tag, path)
+            # Unaligned pieces cross chunk boundaries.
+            assert await _read_all(env.engine, layer, path, piece=40_000) == content
+        node = layer.index.find(next(iter(gzip_files[i])))
+        assert node is not None
+        size = layer.index.attr(node).size
+        assert await env.engine.read(layer, node, size, 10) == b""
+        assert await env.engine.read(layer, node, 0, 0) == b""
+    # The blob file serves the registry's bytes exactly.
+    first = image.layers[0]
+    layer = await env.engine.get_layer(_ref(registry, tag), first.digest)
+    blob = layout.blob(first.digest)
+    assert await env.engine.read_blob(layer, 0, 1000) == blob[:1000]
+    assert await env.engine.read_blob(layer, len(blob) - 5, 100) == blob[-5:]
+
+
+async def test_lookup_by_toc_digest_and_unknown_digests(
+    registry: Registry, layout: OciLayout, factory: EngineFactory
+) -> None:
+    env = await factory.make()
+    desc = layout.image("esgz").layers[0]
+    toc = desc.annotations["containerd.io/snapshot/stargz/toc.digest"]
+    by_toc = await env.engine.get_layer(_ref(registry, "esgz"), toc)
+    assert by_toc.blob_digest == desc.digest and by_toc.toc_digest == toc
+    assert by_toc is await env.engine.get_layer(_ref(registry, "esgz"), desc.digest)
+    with pytest.raises(UnknownLayer):
+        await env.engine.get_layer(_ref(registry, "esgz"), "sha256:" + "0" * 64)
+
+
+async def test_gzip_layer_is_not_lazy_and_the_answer_is_cached(
+    registry: Registry, layout: OciLayout, factory: EngineFactory
+) -> None:
+    env = await factory.make(negative_cache_ttl_s=3600)
+    digest = layout.image("gzip").layers[0].digest
+    with pytest.raises(NotLazyError):
+        await env.engine.get_layer(_ref(registry, "gzip"), digest)
+    before = env.engine.registry_counter.requests
+    with pytest.raises(NotLazyError):
+        await env.engine.get_layer(_ref(registry, "gzip"), digest)
+    assert env.engine.registry_counter.requests == before
+
+
+async def test_two_layers_sharing_content_store_it_once(
+    registry: Registry, layout: OciLayout, factory: EngineFactory
+) -> None:
+    env = await factory.make()
+    a = await env.engine.get_layer(_ref(registry, "esgz"), layout.image("esgz").layers[0].digest)
+    b_desc = layout.image("zstdchunked-podman54").layers[0]
+    b = await env.engine.get_layer(_ref(registry, "zstdchunked-podman54"), b_desc.digest)
+    digests_a = {c.digest: n for n, c in a.index.iter_chunks()}
+    shared = [(n, c) for n, c in b.index.iter_chunks() if c.digest in digests_a and not c.zeros]
+    assert shared, "the fixtures should share some chunk between eStargz and zstd:chunked"
+    node_b, chunk = max(shared, key=lambda nc: nc[1].size)
+    await env.engine.read(a, digests_a[chunk.digest], 0, 1 << 30)
+    assert env.store.has(chunk.digest)
+    stored = env.store.stats()
+    requests = b.source.counter.requests
+    second = await env.engine.read(b, node_b, chunk.file_offset, chunk.size)
+    assert "sha256:" + hashlib.sha256(second).hexdigest() == chunk.digest
+    assert b.source.counter.requests == requests  # served from the store
+    after = env.store.stats()
+    assert (after["count"], after["bytes"]) == (stored["count"], stored["bytes"])
+
+
+async def test_racing_reads_of_one_chunk_fetch_it_once(
+    registry: Registry, layout: OciLayout, factory: EngineFactory
+) -> None:
+    env = await factory.make()
+    layer = await env.engine.get_layer(_ref(registry, "esgz"),
+                                       layout.image("esgz").layers[0].digest)
+    node = layer.index.find("data/big.bin")
+    assert node is not None
+    before = layer.source.counter.requests
+    results = await asyncio.gather(*(env.engine.read(layer, node, 100, 1000) for _ in range(20)))
+    assert len(set(results)) == 1 and len(results[0]) == 1000
+    assert layer.source.counter.requests - before == 1
+    assert env.engine.fetcher.stats.chunks_fetched == 1
+
+
+async def test_neighbouring_chunks_of_one_read_are_one_request(
+    registry: Registry, layout: OciLayout, gzip_files: list[dict[str, bytes]],
+    factory: EngineFactory,
+) -> None:
+    env = await factory.make()
+    layer = await env.engine.get_layer(_ref(registry, "esgz"),
+                                       layout.image("esgz").layers[0].digest)
+    node = layer.index.find("data/big.bin")
+    assert node is not None
+    assert len(layer.index.chunks(node)) > 2  # 300 000 bytes in 64 KiB chunks
+    before = layer.source.counter.requests
+    data = await env.engine.read(layer, node, 0, 1 << 30)
+    assert data == gzip_files[0]["data/big.bin"]
+    assert layer.source.counter.requests - before == 1
+
+
+async def test_a_flipped_byte_is_an_integrity_error_and_nothing_is_stored(
+    registry: Registry, layout: OciLayout, factory: EngineFactory
+) -> None:
+    env = await factory.make()
+    desc = layout.image("esgz").layers[0]
+    layer = await env.engine.get_layer(_ref(registry, "esgz"), desc.digest)
+    node = layer.index.find("data/big.bin")
+    assert node is not None
+    chunk = layer.index.chunks(node)[1]
+    # The fault: one byte of the registry's stored blob flipped inside this chunk's
+    # compressed range (a registry serving bad bytes; distribution does not re-check).
+    blob_file = registry.blob_file(desc.digest)
+    original = blob_file.read_bytes()
+    pos = (chunk.blob_offset + chunk.fetch_end) // 2
+    corrupted = bytearray(original)
+    corrupted[pos] ^= 0x01
+    blob_file.write_bytes(bytes(corrupted))
+    try:
+        with pytest.raises(IntegrityError):
+            await env.engine.read(layer, node, chunk.file_offset, 10)
+        assert not env.store.has(chunk.digest)
+        assert env.engine.fetcher.stats.integrity_errors == 1
+    finally:
+        blob_file.write_bytes(original)
+    # With the good bytes back the same read works (nothing bad was cached).
+    assert len(await env.engine.read(layer, node, chunk.file_offset, 10)) == 10
+    assert env.store.has(chunk.digest)
+
+
+async def test_prefetch_fetches_exactly_the_prioritised_region(
+    registry: Registry, layout: OciLayout, factory: EngineFactory
+) -> None:
+    env = await factory.make(prefetch_landmark=True)
+    desc = layout.image("esgz").layers[0]
+    layer = await env.engine.get_layer(_ref(registry, "esgz"), desc.digest)
+    idx = layer.index
+    assert idx.prefetch == "landmark" and idx.prefetch_end > 0
+    await _until(lambda: layer.prefetch_state == "done", "the prefetch")
+    inside = [c for _, c in idx.iter_chunks() if c.blob_offset < idx.prefetch_end]
+    outside = {c.digest for _, c in idx.iter_chunks() if c.blob_offset >= idx.prefetch_end}
+    outside -= {c.digest for c in inside}
+    assert inside
+    assert all(env.store.has(c.digest) for c in inside)
+    assert not any(env.store.has(d) for d in outside)
+    assert all(c.fetch_end <= idx.prefetch_end for c in inside)
+    # A few large requests, no byte outside the region.
+    s = env.engine.settings
+    assert layer.source.counter.requests <= idx.prefetch_end // s.max_request_bytes + 1
+    assert layer.source.counter.bytes <= idx.prefetch_end
+    assert layer.source.counter.bytes >= sum(c.fetch_end - c.blob_offset for c in inside)
+    # The prioritised files are then served without a request.
+    before = layer.source.counter.requests
+    assert await _read_all(env.engine, layer, "data/small.txt") == b"hello from a fixture\n"
+    assert layer.source.counter.requests == before
+
+
+async def test_background_fetch_completes_the_layer(
+    registry: Registry, layout: OciLayout, factory: EngineFactory
+) -> None:
+    env = await factory.make(prefetch_landmark=True, prefetch_background=True,
+                             quiet_period_s=0.0)
+    layer = await env.engine.get_layer(_ref(registry, "esgz-noopt"),
+                                       layout.image("esgz-noopt").layers[0].digest)
+    await _until(lambda: layer.background_state == "done", "the background fetch")
+    assert all(env.store.has(c.digest) for _, c in layer.index.iter_chunks() if not c.zeros)
+    before = layer.source.counter.requests
+    assert len(await _read_all(env.engine, layer, "data/big.bin")) == 300_000
+    assert layer.source.counter.requests == before
+
+
+async def test_eviction_under_a_small_limit_keeps_serving_correct_bytes(
+    registry: Registry, layout: OciLayout, gzip_files: list[dict[str, bytes]],
+    factory: EngineFactory,
+) -> None:
+    limit = 150_000
+    env = await factory.make(max_bytes=limit)
+    image = layout.image("esgz")
+    for _ in range(2):
+        for i, desc in enumerate(image.layers):
+            layer = await env.engine.get_layer(_ref(registry, "esgz"), desc.digest)
+            for path, content in gzip_files[i].items():
+                assert await _read_all(env.engine, layer, path) == content, path
+            assert env.store.stats()["bytes"] <= limit
+
+
+_CHILD = r"""
+import asyncio, sys, os
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from alsd.chunkstore import ChunkStore
+from alsd.engine import Engine, EngineSettings
+from alsd.metadata import MetadataStore
+from alsd.regconf import RegistriesConf, RegistryEntry
+from alsd.registry import RegistryClient
+
+async def main() -> None:
+    host, state = sys.argv[1], Path(sys.argv[2])
+    digests = sys.argv[4:]
+    store = ChunkStore(state / "chunks", 1 << 30)
+    await store.open()
+    conf = RegistriesConf(registries=(RegistryEntry(host, host, insecure=True),))
+    engine = Engine(RegistryClient(registries=conf), store, MetadataStore(state / "meta"),
+                    EngineSettings(prefetch_landmark=False, prefetch_background=False))
+    ref = f"{host}/fx:esgz"
+    layers = [await engine.get_layer(ref, d) for d in digests]
+    small = layers[0].index.find("data/small.txt")
+    await engine.read(layers[0], small, 0, 100)
+    print("READY", flush=True)
+    while True:  # keep fetching until killed: every chunk of every layer, again and again
+        for layer in layers:
+            for node, chunk in layer.index.iter_chunks():
+                await engine.read(layer, node, chunk.file_offset, chunk.size)
+
+asyncio.run(main())
+"""
+
+
+async def test_restart_after_sigkill_needs_no_registry_request(
+    registry: Registry, layout: OciLayout, gzip_files: list[dict[str, bytes]],
+    factory: EngineFactory, tmp_path: Path,
+) -> None:
+    digests = [d.digest for d in layout.image("esgz").layers]
+    state = factory.state
+    state.mkdir(parents=True)
+    with (tmp_path / "child.log").open("wb") as errlog:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CHILD, registry.host, str(state), str(REPO), *digests,
+            stdout=subprocess.PIPE, stderr=errlog,
+        )
+        try:
+            assert child.stdout is not None
+            line = await child.stdout.readline()
+            assert line.strip() == b"READY", (tmp_path / "child.log").read_text()
+        finally:
+            os.kill(child.pid, signal.SIGKILL)  # mid-fetch: the child never stops fetching
+            await child.wait()
+    env = await factory.make()
+    layers = [await env.engine.get_layer(_ref(registry, "esgz"), d) for d in digests]
+    assert all(layer.from_metadata for layer in layers)
+    assert await _read_all(env.engine, layers[0], "data/small.txt") == b"hello from a fixture\n"
+    assert env.engine.registry_counter.requests == 0
+    # Whatever the killed process left half-done is fetched again, correctly.
+    for i, layer in enumerate(layers):
+        for path, content in gzip_files[i].items():
+            assert await _read_all(env.engine, layer, path) == content, path
+
+
+async def test_a_corrupt_metadata_file_is_discarded(
+    registry: Registry, layout: OciLayout, factory: EngineFactory
+) -> None:
+    digests = [d.digest for d in layout.image("esgz").layers]
+    ref = _ref(registry, "esgz")
+    env = await factory.make()
+    for d in digests:
+        await env.engine.get_layer(ref, d)
+    await factory.close(env)
+    meta = MetadataStore(factory.state / "meta")
+    path = meta.path_for("layer", f"{ref}@@{digests[0]}")
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+    env = await factory.make()
+    first = await env.engine.get_layer(ref, digests[0])
+    second = await env.engine.get_layer(ref, digests[1])
+    assert not first.from_metadata  # resolved afresh from the registry
+    assert second.from_metadata
+    assert env.engine.registry_counter.requests > 0
+    assert await _read_all(env.engine, first, "data/small.txt") == b"hello from a fixture\n"
+    assert meta.load("layer", f"{ref}@@{digests[0]}") is not None  # rewritten, valid again
+
+
+async def test_use_release_drops_the_layer_after_the_grace_period(
+    registry: Registry, layout: OciLayout, factory: EngineFactory
+) -> None:
+    env = await factory.make(release_grace_s=0.0)
+    digest = layout.image("esgz").layers[0].digest
+    layer = await env.engine.get_layer(_ref(registry, "esgz"), digest)
+    env.engine.use(layer)
+    env.engine.use(layer)
+    env.engine.release(layer)
+    await asyncio.sleep(0)
+    assert layer in env.engine.layers()
+    env.engine.release(layer)
+    await _until(lambda: layer not in env.engine.layers(), "the drop")
+    again = await env.engine.get_layer(_ref(registry, "esgz"), digest)
+    assert again is not layer and again.layer_no != layer.layer_no
+    status = env.engine.status()
+    assert status["layers"][0]["digest"] == digest
