@@ -117,9 +117,11 @@ class FetchStats:
             "store_full": self.store_full,
             "latency_sum_s": self.latency_sum_s,
             "latency_count": self.latency_count,
-            "latency_buckets_s": dict(
-                zip((str(b) for b in LATENCY_BUCKETS_S), self.latency_buckets, strict=True)
-            ),
+            # Flat keys (cumulative counts per upper bound), so /metrics can export them.
+            **{
+                f"latency_le_{str(b).replace('.', '_')}_s": n
+                for b, n in zip(LATENCY_BUCKETS_S, self.latency_buckets, strict=True)
+            },
         }
 
 
