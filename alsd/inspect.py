@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
-from alsd.errors import AlsdError, NotLazyError
+from alsd.errors import AlsdError, FormatError, NotLazyError
 from alsd.oci import formats
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -76,14 +76,22 @@ def describe_blob(
 ) -> dict[str, Any]:
     """The JSON object ``inspect`` prints; raises AlsdError for a corrupt blob."""
     try:
-        index = formats.index_blob(blob, annotations, media_type, max_toc_bytes=max_toc_bytes)
+        loc = formats.detect(blob[-formats.TAIL_SIZE :], len(blob), annotations, media_type)
     except NotLazyError:
         return _not_lazy()
-    except AlsdError:
-        # Without a media type, a blob with no footer might still be a plain layer.
+    except FormatError:
+        # No footer and no media type: an intact plain layer is readable, just not lazy.
         if media_type is None and _is_plain_layer(blob):
             return _not_lazy()
         raise
+    # Past detection, any error means a corrupt lazy layer (never "not lazy").
+    index = formats.parse_toc(
+        loc,
+        blob[loc.offset : loc.offset + loc.length],
+        len(blob),
+        annotations,
+        max_toc_bytes=max_toc_bytes,
+    )
     return {
         "format": str(index.format),
         "toc_digest": index.toc_digest,
