@@ -92,6 +92,10 @@ def describe_blob(
         annotations,
         max_toc_bytes=max_toc_bytes,
     )
+    # The whole blob is at hand, so check every chunk too: a corrupt payload is corruption.
+    for node, chunk in index.iter_chunks():
+        compressed = blob[chunk.blob_offset : chunk.fetch_end]
+        formats.decode_chunk(index.format, chunk, compressed, path=index.path(node))
     return {
         "format": str(index.format),
         "toc_digest": index.toc_digest,

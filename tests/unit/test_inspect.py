@@ -89,6 +89,7 @@ def test_corrupt_layers_exit_1(
         "truncated-gzip": gz[: len(gz) // 2],
         "garbage": b"not a layer at all" * 100,
         "cut-estargz-footer": layout.blob(esgz.digest)[:-10],
+        "corrupt-payload": _flip(layout.blob(esgz.digest), 600),
     }
     for name, data in cases.items():
         p = tmp_path / name
@@ -112,3 +113,9 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert rc == 2
     rc, _, err = run(capsys, "docker.io/library/busybox:latest")
     assert rc == 2 and "not implemented" in err
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    out = bytearray(data)
+    out[at] ^= 0xFF
+    return bytes(out)
