@@ -5,6 +5,7 @@ Layout under ``root`` (see developer-notes/storage.md)::
     chunks/sha256/<hex[:2]>/<hex>   one file per chunk, named by sha256 of its content
     tmp/<hex>.<random>              chunks being written; swept at open()
     store-state                     "open <boot id>" while in use, "clean" after close()
+    lock                            flock(2)ed while open: one process per store
 
 A chunk is hashed *before* anything is written, written to ``tmp/`` and renamed into place,
 so the final path only ever holds a complete file with the right content. The store is a
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -49,6 +51,7 @@ _INLINE_HASH_MAX = 64 * 1024
 # A read refreshes the file's mtime (the LRU order used after a restart) at most this often.
 _TOUCH_INTERVAL_NS = 60 * 1_000_000_000
 _STATE_FILE = "store-state"
+_LOCK_FILE = "lock"
 _BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 
 
@@ -103,6 +106,7 @@ def _syncfs(path: Path) -> None:
 
 @dataclass
 class _OpenResult:
+    lock_fd: int
     entries: list[tuple[str, int]]  # (hex, size), least recently used first
     trusted: bool
     swept: int
@@ -140,6 +144,7 @@ class ChunkStore:
         # Chunks that may be torn by an OS crash before their pages reached the disk.
         self._unverified: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._lock_fd: int | None = None
         self._opened = False
         self._closed = False
         self._failing = False  # a put failed and we warned; cleared by the next success
@@ -269,6 +274,7 @@ class ChunkStore:
             res = await asyncio.to_thread(self._open_sync)
         except OSError as exc:
             raise StoreError(f"cannot open chunk store at {self._root}: {exc}") from exc
+        self._lock_fd = res.lock_fd
         for msg in res.warnings:
             log.warning("%s", msg)
         for hx, size in res.entries:
@@ -293,6 +299,27 @@ class ChunkStore:
         )
 
     def _open_sync(self) -> _OpenResult:
+        self._root.mkdir(parents=True, exist_ok=True)
+        # Another process using the same store would have its tmp files swept and its
+        # accounting silently wrong: refuse. The kernel drops the lock when a process dies.
+        # Opened read-only: flock needs no write access, and an fd open for writing would
+        # keep the filesystem from being remounted read-only.
+        lock_fd = os.open(self._root / _LOCK_FILE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise StoreError(f"chunk store {self._root} is in use by another process") from None
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        try:
+            return self._open_locked(lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    def _open_locked(self, lock_fd: int) -> _OpenResult:
         warnings: list[str] = []
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
         self._chunk_dir.mkdir(parents=True, exist_ok=True)
@@ -361,7 +388,7 @@ class ChunkStore:
             total -= size
             evicted += 1
         entries = [(hx, size) for _, hx, size in found[start:]]
-        return _OpenResult(entries, trusted, swept, evicted, strays, warnings)
+        return _OpenResult(lock_fd, entries, trusted, swept, evicted, strays, warnings)
 
     async def close(self) -> None:
         """Finish pending writes, flush the filesystem and mark the store cleanly closed."""
@@ -374,6 +401,10 @@ class ChunkStore:
             await asyncio.to_thread(self._close_sync)
         except OSError as exc:
             log.warning("chunk store %s: not marked clean at close: %s", self._root, exc)
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
 
     def _close_sync(self) -> None:
         _syncfs(self._root)

@@ -6,7 +6,10 @@ import asyncio
 import hashlib
 import logging
 import os
+import signal
 import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -14,6 +17,8 @@ import pytest
 
 from alsd.chunkstore import ChunkStore
 from alsd.errors import IntegrityError, StoreError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def dg(data: bytes) -> str:
@@ -291,18 +296,67 @@ async def test_unclean_shutdown_across_reboot_rehashes(tmp_path: Path) -> None:
     assert not s2.path_for(dg(torn)).exists()
 
 
-async def test_process_crash_same_boot_is_trusted(tmp_path: Path) -> None:
+_CRASHER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from alsd.chunkstore import ChunkStore
+
+    async def main() -> None:
+        store = ChunkStore(Path(sys.argv[1]), 1 << 20)
+        await store.open()
+        data = bytes.fromhex(sys.argv[2])
+        assert await store.put(sys.argv[3], data)
+        print("ready", flush=True)
+        sys.stdin.readline()  # wait to be killed, store still open
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_process_killed_same_boot_is_trusted_and_unlocked(tmp_path: Path) -> None:
     root = tmp_path / "store"
-    s = ChunkStore(root, 1 << 20)
-    await s.open()
-    data = blob(1)
-    assert await s.put(dg(data), data)
-    # No close(): as after SIGKILL. The state still says "open <this boot>".
+    data = blob(1, 5000)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CRASHER, str(root), data.hex(), dg(data)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        # While the other process has it open, the store cannot be opened here.
+        with pytest.raises(StoreError, match="in use"):
+            asyncio.run(ChunkStore(root, 1 << 20).open())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
     assert (root / "store-state").read_text().startswith("open ")
-    s2 = ChunkStore(root, 1 << 20)
+
+    async def reopen() -> None:
+        s2 = ChunkStore(root, 1 << 20)
+        await s2.open()  # the kernel released the dead process's lock
+        # Same boot: the page cache kept everything the killed process wrote.
+        assert s2.stats()["unverified"] == 0
+        assert await s2.get(dg(data)) == data
+        assert_consistent(s2)
+        await s2.close()
+
+    asyncio.run(reopen())
+
+
+async def test_store_is_locked_while_open(tmp_path: Path) -> None:
+    s = ChunkStore(tmp_path / "store", 1000)
+    await s.open()
+    with pytest.raises(StoreError, match="in use"):
+        await ChunkStore(tmp_path / "store", 1000).open()
+    await s.close()
+    s2 = ChunkStore(tmp_path / "store", 1000)
     await s2.open()
-    assert s2.stats()["unverified"] == 0
-    assert await s2.get(dg(data)) == data
     await s2.close()
 
 
