@@ -11,14 +11,11 @@ import hashlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +28,8 @@ from alsd.metadata import MetadataStore
 from alsd.regconf import RegistriesConf, RegistryEntry
 from alsd.registry import RegistryClient
 from tests.support.oci_layout import OciLayout
+from tests.support.registry import RegistryServer
+from tests.support.registry import registry as shared_registry  # noqa: F401
 
 pytestmark = pytest.mark.registry
 
@@ -41,13 +40,6 @@ ALL_TAGS = ["gzip", *LAZY_TAGS]
 
 
 # --------------------------------------------------------------------------- registry
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)
@@ -61,50 +53,11 @@ class Registry:
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory, fixtures: Path) -> Iterator[Registry]:
-    """A real docker-registry on a free loopback port with every fixture tag pushed.
-
-    Kept local until the shared registry fixture lands in tests/support.
-    """
-    d = tmp_path_factory.mktemp("registry")
-    port = _free_port()
-    (d / "config.yml").write_text(
-        "version: 0.1\n"
-        "log: {level: warn}\n"
-        f"storage: {{filesystem: {{rootdirectory: {d / 'data'}}}, delete: {{enabled: true}}}}\n"
-        f"http: {{addr: 127.0.0.1:{port}}}\n"
-    )
-    log = (d / "registry.log").open("wb")
-    proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")],
-                            stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"docker-registry exited: {(d / 'registry.log').read_text()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    pytest.fail("docker-registry did not answer within 30 s")
-                time.sleep(0.1)  # polling interval, not a wait for a condition
-        host = f"127.0.0.1:{port}"
-        for tag in ALL_TAGS:
-            subprocess.run(
-                ["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
-                 f"oci:{fixtures / 'images'}:{tag}", f"docker://{host}/fx:{tag}"],
-                check=True, capture_output=True, timeout=120,
-            )
-        yield Registry(host, d / "data")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def registry(shared_registry: RegistryServer) -> Registry:  # noqa: F811
+    """The shared real docker-registry with every fixture tag pushed."""
+    for tag in ALL_TAGS:
+        shared_registry.push_fixture(tag)
+    return Registry(shared_registry.address, shared_registry.workdir / "storage")
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +279,7 @@ async def test_a_flipped_byte_is_an_integrity_error_and_nothing_is_stored(
     chunk = layer.index.chunks(node)[1]
     # The fault: one byte of the registry's stored blob flipped inside this chunk's
     # compressed range (a registry serving bad bytes; distribution does not re-check).
+    # The registry is shared by the session: the original bytes are put back below.
     blob_file = registry.blob_file(desc.digest)
     original = blob_file.read_bytes()
     pos = (chunk.blob_offset + chunk.fetch_end) // 2
