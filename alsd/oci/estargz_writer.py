@@ -2,9 +2,11 @@
 
 The output is what stargz-snapshotter's ``estargz.Build`` (Go) writes for the same input,
 options and parallelism, except for the deflate bytes inside each gzip member (Go's
-``compress/flate`` and zlib encode differently). Member boundaries, every gzip header, the
-uncompressed stream, the TOC JSON (hence the TOC digest) and the footer are the same; see
-``docs/spec.md`` section 3 and ``tests/data/README.md``.
+``compress/flate`` and zlib encode differently, so compressed offsets, and with them the TOC
+digest, differ). The member layout, every gzip header, the uncompressed bytes of every member
+and the TOC JSON up to its offset values are the same, and so is the footer format; see
+stargz-snapshotter's docs/estargz.md and ``tests/data/estargz/README.md``. At compression
+level 0 the blob is byte-identical.
 
 Why the Go ``archive/tar`` logic is ported here rather than using :mod:`tarfile`: the builder
 re-encodes every tar header with Go's writer (twice: once when it re-assembles the sorted
@@ -1036,7 +1038,10 @@ def _format_modtime(t: _GoTime) -> str:
         dt = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=sec)
     except OverflowError as exc:
         raise FormatError(f"modification time {sec} out of range") from exc
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Go's RFC3339 layout zero-pads the year to 4 digits; strftime("%Y") does not on glibc.
+    return (
+        f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}Z"
+    )
 
 
 def _append_part(
