@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -382,6 +383,43 @@ async def test_reopen_with_lower_limit_evicts_oldest(tmp_path: Path) -> None:
     assert await s2.put(dg(extra), extra)
     assert [s2.has(dg(x)) for x in chunks] == [False, False, False, True]
     await s2.close()
+
+
+async def test_cancelled_put_still_accounts_its_file(store: ChunkStore) -> None:
+    data = blob(11, 3000)
+    task = asyncio.create_task(store.put(dg(data), data))
+    # One loop turn: put() has hashed (inline), reserved room and started its commit.
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await store.close()  # waits for the commit, which accounts the file it wrote
+    assert store.has(dg(data))
+    assert store.path_for(dg(data)).read_bytes() == data
+    assert_consistent(store)
+
+
+async def test_concurrent_mixed_operations_keep_accounting_exact(tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    s = ChunkStore(tmp_path / "store", 20_000)
+    await s.open()
+    pool = [blob(i, rng.choice((500, 1500, 3000, 7000))) for i in range(40)]
+
+    async def worker(seed: int) -> None:
+        r = random.Random(seed)
+        for _ in range(60):
+            data = r.choice(pool)
+            if r.random() < 0.5:
+                await s.put(dg(data), data)
+            else:
+                got = await s.get(dg(data))
+                assert got is None or got == data
+
+    await asyncio.gather(*(worker(i) for i in range(8)))
+    assert_consistent(s)
+    assert s.stats()["bytes"] <= 20_000
+    assert s.stats()["evictions"] > 0
+    await s.close()
 
 
 async def test_not_open_raises(tmp_path: Path) -> None:

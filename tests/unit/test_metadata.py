@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +305,20 @@ def test_writer_killed_before_rename_leaves_old_file_intact(tmp_path: Path) -> N
     assert list(ms.iter("image")) == [("ref", {"v": "old"})]
     assert ms.sweep() == 1
     assert not tmp.exists()
+
+
+def test_concurrent_saves_of_one_key_never_mix(tmp_path: Path) -> None:
+    ms = MetadataStore(tmp_path / "meta")
+    values = [{"writer": i, "pad": bytes([i]) * 50_000} for i in range(6)]
+
+    def write(v: dict[str, Any]) -> None:
+        for _ in range(10):
+            ms.save("layer", "k", v)
+
+    with ThreadPoolExecutor(len(values)) as ex:
+        list(ex.map(write, values))
+    assert ms.load("layer", "k") in values
+    assert os.listdir(tmp_path / "meta" / "layer") == [ms.path_for("layer", "k").name]
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
