@@ -1,7 +1,8 @@
 """Run Debian's real ``docker-registry`` (distribution 2.8) for tests, optionally with auth.
 
-Fixtures (import the ones you use into your test module, e.g.
-``from tests.support.registry import registry  # noqa: F401``):
+Fixtures (put ``pytest_plugins = ["tests.support.registry"]`` in your test module, or
+import the ones you use: ``from tests.support.registry import registry  # noqa: F401``).
+The registry's storage root is ``RegistryServer.workdir / "storage"``:
 
 ``registry``
     Session-scoped, anonymous registry on 127.0.0.1 with a free port and tmp storage.
@@ -113,9 +114,7 @@ class TokenServer:
             check=True, capture_output=True,
         )  # fmt: skip
         pem = self.cert.read_text()
-        body = "".join(
-            line for line in pem.splitlines() if line and not line.startswith("-----")
-        )
+        body = "".join(line for line in pem.splitlines() if line and not line.startswith("-----"))
         self._x5c = body  # standard base64 of the DER certificate, as JWS x5c wants
         self._lock = threading.Lock()
         outer = self
