@@ -174,7 +174,12 @@ def sd_notify(state: str) -> None:
 
 
 def prepare_mountpoint(path: str) -> None:
-    """Make ``path`` a directory we can mount on; clear a dead mount left by a crash."""
+    """Make ``path`` a directory we can mount on; clear a dead mount left by a crash.
+
+    A FUSE mount whose daemon died answers ENOTCONN, but ``stat`` of its root may still
+    succeed from the kernel's attribute cache, so a FUSE mount found here is probed with
+    ``statfs``, which always reaches the (dead or alive) daemon.
+    """
     try:
         os.stat(path)
     except FileNotFoundError:
@@ -183,11 +188,22 @@ def prepare_mountpoint(path: str) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise
+        dead = True
+    else:
+        dead = False
+        if _is_fuse_mount(path):
+            try:
+                os.statvfs(path)
+            except OSError as exc:
+                if exc.errno != errno.ENOTCONN:
+                    raise
+                dead = True
+            else:
+                raise RuntimeError(f"{path}: a live FUSE filesystem is mounted here")
+    if dead:
         log.warning("%s: a previous alsd left a dead mount; unmounting it lazily", path)
         _lazy_unmount(path)
         os.stat(path)  # still broken: let the OSError say so
-    if os.path.ismount(path) and _is_fuse_mount(path):
-        raise RuntimeError(f"{path}: a live FUSE filesystem is mounted here (another alsd?)")
     if not os.path.isdir(path):
         raise RuntimeError(f"{path}: not a directory")
 

@@ -82,7 +82,7 @@ def _overlay_tree(tar_bytes: bytes) -> dict[str, Entry]:
                 assert f is not None
                 contents[name] = f.read()
     links: dict[str, int] = {}
-    for name, m in members.items():
+    for m in members.values():
         if m.islnk():
             target = m.linkname.removeprefix("./")
             links[target] = links.get(target, 1) + 1
@@ -128,7 +128,7 @@ def _overlay_tree(tar_bytes: bytes) -> dict[str, Entry]:
         elif src.isfifo():
             e["type"] = "fifo"
         tree[name] = e
-    for name, e in tree.items():
+    for e in tree.values():
         if e["type"] == "dir":
             e.setdefault("opaque", False)
             if e.pop("opaque"):

@@ -124,3 +124,17 @@ def test_overrides_are_validated() -> None:
     assert cfg.fetch == Config().fetch
     with pytest.raises(ConfigError, match="command line: 'log_level' must be one of"):
         config.with_overrides(Config(), log_level="loud")
+
+
+def test_engine_settings_mapping() -> None:
+    from alsd.engine import EngineSettings
+
+    cfg = config.from_dict(
+        {"layers": {"unknown_diff_size": "fallback"}, "fetch": {"concurrency": 7}}
+    )
+    s = config.engine_settings(cfg)
+    assert isinstance(s, EngineSettings)
+    assert s.unknown_diff_size == "fallback"
+    assert s.fetch_concurrency == 7
+    assert s.state_dir == cfg.state_dir
+    assert s.prefetch_background is True

@@ -1,0 +1,137 @@
+"""The daemon's lifecycle: SIGTERM unmounts, a SIGKILLed instance's dead mount is recovered
+and the restarted daemon serves from its state on disk, config mistakes exit 2."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import REPO, alsd_command, start_alsd, unmount, write_config
+from tests.support.oci_layout import OciLayout
+from tests.support.registry import RegistryServer, registry  # noqa: F401
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.fuse
+def test_sigterm_unmounts_and_exits_0(tmp_path: Path) -> None:
+    p = start_alsd(tmp_path)
+    try:
+        assert os.path.ismount(p.mountpoint)
+        p.stop()  # asserts exit 0 and no mount left
+        assert not p.control_socket.exists()
+    finally:
+        p.cleanup()
+
+
+@pytest.mark.fuse
+def test_mountpoint_is_created(tmp_path: Path) -> None:
+    mnt = tmp_path / "a" / "b" / "store"
+    p = start_alsd(tmp_path, mountpoint=mnt)
+    try:
+        assert os.path.ismount(mnt)
+        p.stop()
+    finally:
+        p.cleanup()
+
+
+@pytest.mark.fuse
+@pytest.mark.registry
+def test_sigkill_then_restart_recovers_and_serves_from_disk(
+    tmp_path: Path,
+    registry: RegistryServer,  # noqa: F811
+    fixtures: Path,
+) -> None:
+    ref = registry.push_fixture("esgz")
+    la = OciLayout(fixtures / "images").image("esgz").layers[0]
+    conf = registry.write_registries_conf(tmp_path / "registries.conf")
+    p = start_alsd(tmp_path, registries_conf=conf)
+    try:
+        f = p.layer_dir(ref, la.digest) / "diff" / "data" / "big.bin"
+        data = f.read_bytes()
+        assert len(data) == 300_000
+        p.kill()
+        with pytest.raises(OSError) as exc:  # what a crash leaves: a dead mount
+            os.listdir(p.mountpoint)
+        assert exc.value.errno == errno.ENOTCONN
+    finally:
+        if p.proc.poll() is None:
+            p.cleanup()
+    p2 = start_alsd(tmp_path, registries_conf=conf)
+    try:
+        assert "dead mount" in p2.log()
+        assert f.read_bytes() == data
+        doc = p2.status()
+        assert doc["engine"]["layers_from_metadata"] >= 1
+        # the file's chunks came from the chunk store, not from the registry
+        assert doc["fetch"]["requests"] == 0, doc["fetch"]
+        p2.stop()
+    finally:
+        p2.cleanup()
+
+
+def test_malformed_config_exits_2_with_one_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[fetch]\nconcurrency = "many"\n')
+    r = subprocess.run(alsd_command(bad), capture_output=True, text=True, env=_env())
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"alsd: {bad}: 'fetch.concurrency' must be an integer, got 'many'")
+    bad.write_text("bogus = 1\n")
+    r = subprocess.run(alsd_command(bad), capture_output=True, text=True, env=_env())
+    assert r.returncode == 2
+    assert f"{bad}: unknown key 'bogus'" in r.stderr
+    missing = tmp_path / "missing.toml"
+    r = subprocess.run(alsd_command(missing), capture_output=True, text=True, env=_env())
+    assert r.returncode == 2
+    assert f"{missing}: no such file" in r.stderr
+
+
+def test_help_documents_every_option_and_setting() -> None:
+    from alsd import config
+
+    r = subprocess.run(
+        [sys.executable, "-m", "alsd", "--help"], capture_output=True, text=True, env=_env()
+    )
+    assert r.returncode == 0
+    for flag in ("--config", "--mountpoint", "--state-dir", "--log-level"):
+        assert flag in r.stdout
+    for key, _, _ in config.iter_settings():
+        assert key in r.stdout, key
+    for sub in ("status", "auth-helper"):
+        assert f"alsd {sub}" in r.stdout
+
+
+def test_status_without_daemon_is_a_clear_error(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "alsd", "status", "--socket", str(tmp_path / "none.sock")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert r.returncode == 1
+    assert "cannot reach alsd" in r.stderr
+
+
+def test_write_config_is_valid(tmp_path: Path) -> None:
+    from alsd import config
+
+    path = write_config(
+        tmp_path / "a.toml",
+        mountpoint=tmp_path / "m",
+        state_dir=tmp_path / "s",
+        control_socket=tmp_path / "c.sock",
+        settings={"fetch.concurrency": 2},
+    )
+    cfg = config.load(str(path))
+    assert cfg.fetch.concurrency == 2 and cfg.mountpoint == str(tmp_path / "m")
+
+
+def test_unmount_helper_refuses_nothing(tmp_path: Path) -> None:
+    unmount(tmp_path)  # not a mount: nothing to do, and no error
