@@ -61,9 +61,9 @@ def test_sigkill_then_restart_recovers_and_serves_from_disk(
         with pytest.raises(OSError) as exc:  # what a crash leaves: a dead mount
             os.listdir(p.mountpoint)
         assert exc.value.errno == errno.ENOTCONN
-    finally:
-        if p.proc.poll() is None:
-            p.cleanup()
+    except BaseException:
+        p.cleanup()  # also removes the dead mount
+        raise
     p2 = start_alsd(tmp_path, registries_conf=conf)
     try:
         assert "dead mount" in p2.log()
