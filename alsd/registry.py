@@ -330,6 +330,51 @@ class RegistryClient:
             r, digest, lambda ep: self._fetch_blob_at(ep, r, digest, max_bytes, counter, att)
         )
 
+    async def request(
+        self,
+        ep: Endpoint,
+        ref: Reference,
+        method: str,
+        url: str,
+        handler: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+        *,
+        headers: dict[str, str] | None = None,
+        data: bytes | None = None,
+        scopes: Sequence[str] = (),
+        counter: ByteCounter | None = None,
+    ) -> T:
+        """One request to ``ep`` with this client's auth, redirects, retries and deadline.
+
+        The hook for other protocol users (the pusher): ``handler`` sees the final response
+        as in ``_call``. ``scopes`` are token scopes (default: pull ``ep.repository``); a
+        pusher asks for ``repository:NAME:push,pull``. ``data`` is resent on a retry, so
+        only idempotent requests (or ones whose handler copes) should be sent this way.
+        """
+        return await self._call(
+            ep,
+            ref,
+            method,
+            url,
+            dict(headers or {}),
+            handler,
+            counter,
+            self._attempt(),
+            scope=" ".join(scopes) or None,
+            data=data,
+        )
+
+    async def raise_for_status(
+        self,
+        resp: aiohttp.ClientResponse,
+        ref: Reference,
+        ep: Endpoint,
+        what: str,
+        counter: ByteCounter | None = None,
+    ) -> None:
+        """Raise NotFound / Unauthorized / RegistryError for ``resp`` (with the registry's
+        error detail); the public face of the mapping every request of this client uses."""
+        await self._raise_status(resp, ref, ep, what, counter)
+
     # ------------------------------------------------------------ endpoints
 
     def _attempt(self) -> _Attempt:
@@ -590,13 +635,16 @@ class RegistryClient:
         att: _Attempt,
         *,
         redirect_key: str | None = None,
+        scope: str | None = None,
+        data: bytes | None = None,
     ) -> T:
         """One logical request: auth, redirects, retries. ``handler`` sees the final response
         (any status but 401/3xx/retryable) and reads the body; errors it raises while
-        reading (reset, truncation, timeout) are retried like the request itself."""
+        reading (reset, truncation, timeout) are retried like the request itself.
+        ``scope`` defaults to pulling ``ep.repository``; ``data`` is a request body."""
         loop = asyncio.get_running_loop()
         s = self.settings
-        scope = repository_scope(ep.repository)
+        scope = scope or repository_scope(ep.repository)
         cache_key = (ep.host, ep.repository, redirect_key) if redirect_key else None
         target = self._blob_urls.get(cache_key, url) if cache_key else url
         reauthed = False
@@ -628,7 +676,7 @@ class RegistryClient:
                     if counter is not None:
                         counter.add_request()
                     async with self._get_session().request(
-                        method, tgt, headers=h, allow_redirects=False, timeout=timeout
+                        method, tgt, headers=h, data=data, allow_redirects=False, timeout=timeout
                     ) as resp:
                         status = resp.status
                         if status == 401 and same_host:
