@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,11 +53,17 @@ def test_sigkill_then_restart_recovers_and_serves_from_disk(
     ref = registry.push_fixture("esgz")
     la = OciLayout(fixtures / "images").image("esgz").layers[0]
     conf = registry.write_registries_conf(tmp_path / "registries.conf")
-    p = start_alsd(tmp_path, registries_conf=conf)
+    # No landmark prefetch: after the restart, every registry request would be ours.
+    p = start_alsd(tmp_path, registries_conf=conf, settings={"prefetch.landmark": False})
     try:
         f = p.layer_dir(ref, la.digest) / "diff" / "data" / "big.bin"
         data = f.read_bytes()
         assert len(data) == 300_000
+        # chunks are written to the store after they are served: wait until they are
+        deadline = time.monotonic() + 30
+        while p.status()["chunk_store"]["bytes"] < 300_000:
+            assert time.monotonic() < deadline, p.status()["chunk_store"]
+            time.sleep(0.05)
         p.kill()
         with pytest.raises(OSError) as exc:  # what a crash leaves: a dead mount
             os.listdir(p.mountpoint)
@@ -70,6 +77,7 @@ def test_sigkill_then_restart_recovers_and_serves_from_disk(
         assert f.read_bytes() == data
         doc = p2.status()
         assert doc["engine"]["layers_from_metadata"] >= 1
+        assert doc["engine"]["resolve_requests"] == 0  # no footer/TOC fetched again
         # the file's chunks came from the chunk store, not from the registry
         assert doc["fetch"]["requests"] == 0, doc["fetch"]
         p2.stop()
@@ -135,3 +143,44 @@ def test_write_config_is_valid(tmp_path: Path) -> None:
 
 def test_unmount_helper_refuses_nothing(tmp_path: Path) -> None:
     unmount(tmp_path)  # not a mount: nothing to do, and no error
+
+
+@pytest.mark.fuse
+def test_sd_notify_ready_and_stopping(tmp_path: Path) -> None:
+    import socket
+
+    addr = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(addr)
+        s.settimeout(60)
+        p = start_alsd(tmp_path, env={"NOTIFY_SOCKET": addr})
+        try:
+            assert s.recv(256) == b"READY=1"
+            p.stop()
+            assert s.recv(256) == b"STOPPING=1"
+        finally:
+            p.cleanup()
+
+
+@pytest.mark.fuse
+@pytest.mark.registry
+def test_unknown_size_fallback_lets_podman_pull(
+    tmp_path: Path,
+    registry: RegistryServer,  # noqa: F811
+    fixtures: Path,
+) -> None:
+    # zstdchunked-podman43 has neither an uncompressed-size annotation nor a tar-split.
+    ref = registry.push_fixture("zstdchunked-podman43")
+    la = OciLayout(fixtures / "images").image("zstdchunked-podman43").layers[0]
+    conf = registry.write_registries_conf(tmp_path / "registries.conf")
+    p = start_alsd(
+        tmp_path, registries_conf=conf, settings={"layers.unknown_diff_size": "fallback"}
+    )
+    try:
+        d = p.layer_dir(ref, la.digest)
+        for name in ("diff", "info"):
+            with pytest.raises(FileNotFoundError):
+                os.stat(d / name)
+        p.stop()
+    finally:
+        p.cleanup()
