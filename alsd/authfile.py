@@ -109,14 +109,15 @@ class AuthFile:
 
     def __init__(self, path: Path, doc: Mapping[str, Any], legacy: bool) -> None:
         self.path = path
-        self.auths: dict[str, Any] = {}
+        self.auths: dict[str, Credentials | None] = {}
         self.cred_helpers: dict[str, str] = {}
         self.creds_store: str | None = None
         raw_auths = doc if legacy else doc.get("auths", {})
         if not isinstance(raw_auths, dict):
             raise ConfigError(f"{path}: key 'auths' must be an object")
         for k, v in raw_auths.items():
-            self.auths.setdefault(normalize_registry_key(k), v)
+            # Every entry is decoded now so that one bad entry is reported at load time.
+            self.auths.setdefault(normalize_registry_key(k), _decode_entry(v, path, k))
         if not legacy:
             helpers = doc.get("credHelpers", {})
             if not isinstance(helpers, dict) or not all(
@@ -155,7 +156,7 @@ class AuthFile:
     def find(self, registry: str, repository: str) -> Credentials | None:
         for key in auth_keys(registry, repository):
             if key in self.auths:
-                return _decode_entry(self.auths[key], self.path, key)
+                return self.auths[key]
         return None
 
 
