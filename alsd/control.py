@@ -369,3 +369,12 @@ def main(cmd: str, argv: Sequence[str]) -> int:
         doc = json.loads(data)
         print(json.dumps(doc, indent=2, sort_keys=True) if args.json else format_status(doc))
     return 0
+
+
+def auth_helper_main() -> int:
+    """``alsd-auth-helper``: the executable named in registries.conf.
+
+    containers/image runs ``additional-layer-store-auth-helper`` as one program with no
+    arguments (spec.md §1.10), so ``alsd auth-helper`` needs this argument-less twin.
+    """
+    return main("auth-helper", sys.argv[1:])

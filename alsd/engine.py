@@ -553,11 +553,17 @@ class Engine:
         try:
             old: bytes = b""
             if unc is not None or self.settings.unknown_diff_size != "fallback":
+                # old_diff_size logs, once per layer, that podman save will fail on 0.
                 old = info.info_old(
                     blob_digest=desc.digest,
                     blob_size=desc.size,
                     diff_id=diff_id,
-                    diff_size=unc if unc is not None else 0,
+                    diff_size=info.old_diff_size(
+                        unc,
+                        self.settings.unknown_diff_size,
+                        ref=img.ref,
+                        blob_digest=desc.digest,
+                    ),
                     compression=compression,
                 )
             new = info.info_new(

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 # msgpack ships no type information; everything it returns is checked here.
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 
 from alsd.errors import StoreError
 
