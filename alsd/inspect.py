@@ -62,9 +62,10 @@ def main(cmd: str, argv: list[str]) -> int:
 
 
 def inspect_ref(ref: str, annotations: Mapping[str, str]) -> int:
-    """The REF form (an image in a registry); not implemented yet."""
-    print(f"alsd inspect: {ref}: not a file; inspecting a REF is not implemented", file=sys.stderr)
-    return 2
+    """The REF form (an image in a registry): see :mod:`alsd.inspect_ref`."""
+    from alsd.inspect_ref import run  # lazily: the FILE form needs no aiohttp
+
+    return run(ref)
 
 
 def describe_blob(

@@ -1,0 +1,116 @@
+"""``alsd inspect REF`` against the real docker-registry, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.registry import RegistryServer, fixture_blob_path, fixture_manifest, free_port
+
+pytest_plugins = ["tests.support.registry"]
+
+pytestmark = pytest.mark.registry
+
+LAZY = {
+    "esgz": "estargz",
+    "esgz-noopt": "estargz",
+    "zstdchunked-podman43": "zstd:chunked",
+    "zstdchunked-podman54": "zstd:chunked",
+    "zstdchunked-stargz": "zstd:chunked",
+}
+
+
+def alsd_inspect(
+    ref: str, registries_conf: Path, auth_file: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, CONTAINERS_REGISTRIES_CONF=str(registries_conf))
+    if auth_file is not None:
+        env["REGISTRY_AUTH_FILE"] = str(auth_file)
+    else:
+        env.pop("REGISTRY_AUTH_FILE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "alsd", "inspect", ref],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+
+
+def image_bytes(tag: str) -> int:
+    _, manifest = fixture_manifest(tag)
+    doc = json.loads(manifest)
+    return len(manifest) + doc["config"]["size"] + sum(x["size"] for x in doc["layers"])
+
+
+@pytest.mark.parametrize("tag", [*LAZY, "gzip"])
+def test_inspect_every_tag(
+    registry: RegistryServer, fixtures: object, tmp_path: Path, tag: str
+) -> None:
+    ref = registry.push_fixture(tag)
+    r = alsd_inspect(ref, registry.write_registries_conf(tmp_path / "registries.conf"))
+    assert r.returncode == 0, r.stderr
+    out: dict[str, Any] = json.loads(r.stdout)
+    digest, manifest = fixture_manifest(tag)
+    assert out["reference"] == ref and out["manifest_digest"] == digest
+    descs = json.loads(manifest)["layers"]
+    assert [(x["digest"], x["size"], x["media_type"]) for x in out["layers"]] == [
+        (d["digest"], d["size"], d["mediaType"]) for d in descs
+    ]
+    if tag == "gzip":
+        assert all(x["format"] is None and x["toc_digest"] is None for x in out["layers"])
+        return
+    for layer in out["layers"]:
+        assert layer["format"] == LAZY[tag]
+        assert layer["toc_digest"].startswith("sha256:")
+        assert layer["verified"] is True  # every fixture layer carries its TOC annotation
+    # Only footers and TOCs were read: far less than the image.
+    assert 0 < out["bytes_fetched"] < image_bytes(tag) // 10
+    if tag == "esgz":
+        assert out["layers"][0]["prefetch"] == "landmark"
+        assert fixture_blob_path(descs[0]["digest"]).stat().st_size == descs[0]["size"]
+
+
+def test_inspect_with_credentials(
+    registry_htpasswd: RegistryServer, fixtures: object, tmp_path: Path
+) -> None:
+    ref = registry_htpasswd.push_fixture("esgz")
+    conf = registry_htpasswd.write_registries_conf(tmp_path / "registries.conf")
+    auth = registry_htpasswd.write_auth_json(tmp_path / "auth.json")
+    ok = alsd_inspect(ref, conf, auth)
+    assert ok.returncode == 0, ok.stderr
+    (tmp_path / "empty.json").write_text("{}")
+    denied = alsd_inspect(ref, conf, tmp_path / "empty.json")
+    assert denied.returncode == 1
+    assert denied.stdout == ""
+    assert len(denied.stderr.strip().splitlines()) == 1
+    assert "Unauthorized" in denied.stderr and registry_htpasswd.address in denied.stderr
+
+
+@pytest.mark.parametrize("case", ["not-found", "refused", "bad-conf", "bad-ref"])
+def test_inspect_failures_are_one_line(registry: RegistryServer, tmp_path: Path, case: str) -> None:
+    conf = registry.write_registries_conf(tmp_path / "registries.conf")
+    ref = f"{registry.address}/fx:no-such-tag"
+    if case == "refused":
+        dead = f"127.0.0.1:{free_port()}"
+        conf.write_text(f'[[registry]]\nlocation = "{dead}"\ninsecure = true\n')
+        ref = f"{dead}/fx:x"
+    elif case == "bad-conf":
+        conf.write_text("[[registry]]\nlocation = 5\n")
+    elif case == "bad-ref":
+        ref = "quay.io/UPPER:x"
+    r = alsd_inspect(ref, conf)
+    assert r.returncode == 1, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    want = {
+        "not-found": ["NotFound", registry.address, "no-such-tag"],
+        "refused": ["Transient", "cannot connect"],
+        "bad-conf": ["ConfigError", str(conf), "'location'"],
+        "bad-ref": ["InvalidReference", "UPPER"],
+    }[case]
+    for w in want:
+        assert w in lines[0]
