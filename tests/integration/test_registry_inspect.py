@@ -43,7 +43,8 @@ def alsd_inspect(
 def image_bytes(tag: str) -> int:
     _, manifest = fixture_manifest(tag)
     doc = json.loads(manifest)
-    return len(manifest) + doc["config"]["size"] + sum(x["size"] for x in doc["layers"])
+    total: int = len(manifest) + doc["config"]["size"] + sum(x["size"] for x in doc["layers"])
+    return total
 
 
 @pytest.mark.parametrize("tag", [*LAZY, "gzip"])
