@@ -879,7 +879,8 @@ class RegistryClient:
         counter: ByteCounter | None,
         att: _Attempt,
     ) -> tuple[str, float]:
-        req = token_request(ch, [scope])
+        # ``scope`` may hold several space-separated scopes (the pusher asks for two repos).
+        req = token_request(ch, scope.split())
         creds = await self._credentials_for(ep)
         realm = URL(req.realm)
         if realm.scheme not in ("http", "https") or not realm.host:
