@@ -99,7 +99,7 @@ async def test_cross_repository_mount(registry: RegistryServer) -> None:
 
 async def push_fixture_image(p: Pusher, r: Reference, tag: str) -> str:
     """Push the fixture tag's blobs and manifest by hand; returns the manifest digest."""
-    want, body = fixture_manifest(tag)
+    _, body = fixture_manifest(tag)
     doc = json.loads(body)
     for desc in [doc["config"], *doc["layers"]]:
         await p.push_blob(r, desc["digest"], fixture_blob_path(desc["digest"]).read_bytes())
