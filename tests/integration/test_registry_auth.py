@@ -180,3 +180,22 @@ async def test_token_expiry_default_and_short(tmp_path: Path, fixtures: object) 
             await c.resolve(ref)
             ((_token, expiry),) = c._tokens.values()
             assert 0 < expiry - time.monotonic() <= 60
+
+
+async def test_expired_token_is_renewed_before_use(
+    registry_token: RegistryServer, fixtures: object
+) -> None:
+    ref = registry_token.push_fixture("esgz")
+    ts = registry_token.token_server
+    assert ts is not None
+    async with client(registry_token, None) as c:
+        await c.resolve(ref)
+        before = len(ts.requests)
+        await c.resolve(ref)
+        assert len(ts.requests) == before  # still valid: reused
+        # White-box: let the cached token reach its expiry (instead of waiting for it).
+        ((key, (token, _)),) = c._tokens.items()
+        c._tokens[key] = (token, time.monotonic() - 1)
+        await c.resolve(ref)
+        assert len(ts.requests) == before + 1
+        assert c._tokens[key][0] != token
