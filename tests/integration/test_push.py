@@ -201,4 +201,3 @@ async def test_anonymous_push_with_pull_only_token_is_unauthorized(
         with pytest.raises(Unauthorized) as exc:
             await Pusher(c).push_blob(ref(registry_token, "push/anon"), d, data)
     assert registry_token.address in str(exc.value)
-
