@@ -95,7 +95,7 @@ class RegistrySettings:
     request_timeout_s: float = 30.0  # one HTTP request, headers and body
     connect_timeout_s: float = 10.0
     deadline_s: float = 120.0  # one public call, all retries and endpoints included
-    max_retries: int = 5
+    max_retries: int = 5  # per public call (all its requests share the budget)
     backoff_min_s: float = 0.2
     backoff_max_s: float = 10.0
     max_connections: int = 32
@@ -658,7 +658,8 @@ class RegistryClient:
                     f"{s.deadline_s:g}s exceeded ({'; '.join(att.errors) or 'no answer'})"
                 )
             tgt = URL(target)
-            same_host = tgt.host_port_subcomponent == URL(url).host_port_subcomponent
+            where = tgt.host_port_subcomponent or ""
+            same_host = where == URL(url).host_port_subcomponent
             h = dict(headers)
             if same_host:
                 auth = await self._auth_header(ep, ref, scope, counter, att)
@@ -672,7 +673,7 @@ class RegistryClient:
             )
             err: Transient
             try:
-                async with self._host(tgt.host_port_subcomponent or "").sem:
+                async with self._host(where).sem:
                     if counter is not None:
                         counter.add_request()
                     async with self._get_session().request(
@@ -709,7 +710,7 @@ class RegistryClient:
                         if status in _RETRY_STATUS:
                             body = await self._read_body(resp, counter, 64 << 10, ref, ep)
                             raise Transient(
-                                f"{ref}: {method} {tgt.path} on {tgt.host}: HTTP {status} "
+                                f"{ref}: {method} {tgt.path} on {where}: HTTP {status} "
                                 f"{_error_detail(body)}".rstrip(),
                                 retry_after=_retry_after(resp.headers.get("Retry-After")),
                             )
@@ -717,22 +718,18 @@ class RegistryClient:
             except Transient as exc:
                 err = exc
             except aiohttp.ClientConnectorDNSError as exc:
-                raise RegistryError(
-                    f"{ref}: cannot resolve host {tgt.host}: {exc.os_error}"
-                ) from exc
+                raise RegistryError(f"{ref}: cannot resolve host {where}: {exc.os_error}") from exc
             except aiohttp.ClientConnectorError as exc:
-                err = Transient(
-                    f"{ref}: cannot connect to {tgt.host_port_subcomponent}: {exc.os_error}"
-                )
+                err = Transient(f"{ref}: cannot connect to {where}: {exc.os_error}")
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-                err = Transient(f"{ref}: {tgt.host}: connection broke during the answer: {exc}")
+                err = Transient(f"{ref}: {where}: connection broke during the answer: {exc}")
             except aiohttp.ClientResponseError as exc:
-                err = Transient(f"{ref}: {tgt.host}: bad HTTP answer: {exc.message}")
+                err = Transient(f"{ref}: {where}: bad HTTP answer: {exc.message}")
             except (aiohttp.ClientError, ConnectionError) as exc:
-                err = Transient(f"{ref}: {tgt.host}: {type(exc).__name__}: {exc}")
+                err = Transient(f"{ref}: {where}: {type(exc).__name__}: {exc}")
             except TimeoutError:
                 err = Transient(
-                    f"{ref}: {method} {tgt.path} on {tgt.host}: no answer within "
+                    f"{ref}: {method} {tgt.path} on {where}: no answer within "
                     f"{min(s.request_timeout_s, remaining):g}s"
                 )
             att.errors.append(str(err).removeprefix(f"{ref}: "))
