@@ -219,3 +219,16 @@ async def test_redirect_to_other_host_never_gets_authorization(
         assert [(r.method, r.rule) for r in layer_front] == [("HEAD", "redirect")] * 2
         assert layer_storage[0].rule == "status"
         assert [r.method for r in layer_storage[1:]].count("GET") >= 2
+
+
+async def test_blob_size_falls_back_to_ranged_get(proxy: FaultProxy) -> None:
+    # Some storage backends refuse HEAD (ghcr's S3): the size then comes from a GET of
+    # bytes 0-1 and its Content-Range total.
+    digest, local = esgz_layer()
+    proxy.fail(BLOBS, status=405, method="HEAD", times=None)
+    async with make_client(proxy.address) as c:
+        counter = ByteCounter()
+        assert await c.blob_size(f"{proxy.address}/fx:esgz", digest, counter=counter) == len(local)
+    gets = [r for r in proxy.requests_to(BLOBS + digest) if r.method == "GET"]
+    assert [r.headers.get("Range") for r in gets] == ["bytes=0-1"]
+    assert counter.bytes < 1000
