@@ -56,12 +56,16 @@ class StoreError(AlsdError):
     """The local chunk store or metadata could not be used (disk full, I/O error)."""
 
 
+class InvalidReference(AlsdError, ValueError):
+    """The string is not a valid image reference (names the string and the reason)."""
+
+
 class UnknownLayer(AlsdError):
     """A (reference, digest) pair names no lazily pullable layer of that image."""
 
 
 # Errno for each family. Why these values:
-# - UnknownLayer, NotLazyError, NotFound -> ENOENT: containers/storage treats any
+# - UnknownLayer, InvalidReference, NotLazyError, NotFound -> ENOENT: containers/storage treats any
 #   stat failure of diff/info/blob as "not in this store" and pulls normally; ENOENT
 #   is the honest answer and is what a plain directory store would say.
 # - Unauthorized -> ENOENT as well: a layer we may not read is not present for us; the
@@ -71,6 +75,7 @@ class UnknownLayer(AlsdError):
 # - ConfigError -> EINVAL (never reached through FUSE in practice).
 _ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
     (UnknownLayer, errno.ENOENT),
+    (InvalidReference, errno.ENOENT),
     (NotLazyError, errno.ENOENT),
     (NotFound, errno.ENOENT),
     (Unauthorized, errno.ENOENT),

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# The support modules are pytest plugins imported by test modules: rewrite their asserts.
+pytest.register_assert_rewrite("tests.support")
+
 REPO = Path(__file__).resolve().parent.parent
 
 

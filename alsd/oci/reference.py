@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from alsd.errors import AlsdError
+from alsd.errors import InvalidReference
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API_HOST = "registry-1.docker.io"
@@ -26,10 +26,6 @@ _DOMAIN_RE = re.compile(
 _TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
 _DIGEST_RE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-class InvalidReference(AlsdError, ValueError):
-    """The string is not a valid image reference (names the string and the reason)."""
 
 
 @dataclass(frozen=True, slots=True)
