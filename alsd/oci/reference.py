@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from alsd.errors import InvalidReference
+from alsd.errors import InvalidReference as InvalidReference  # re-exported for callers
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API_HOST = "registry-1.docker.io"
