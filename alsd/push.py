@@ -211,7 +211,7 @@ class Pusher:
             return BlobPush.EXISTS
         location: str | None = None
         for repo in mount_from:
-            mounted, location = await self._mount(ref, digest, repo)
+            mounted, location = await self.mount(ref, digest, repo)
             if mounted:
                 return BlobPush.MOUNTED
             if location is not None:
@@ -224,8 +224,12 @@ class Pusher:
             await self._finish_upload(ref, location, digest, data)
         return BlobPush.UPLOADED
 
-    async def _mount(self, ref: Reference, digest: str, repo: str) -> tuple[bool, str | None]:
-        """(True, None) if mounted; (False, session) if the registry opened an upload."""
+    async def mount(self, ref: Reference, digest: str, repo: str) -> tuple[bool, str | None]:
+        """Cross-repository mount of ``digest`` from ``repo`` (same registry) into ``ref``.
+
+        (True, None) if mounted; (False, session URL) if the registry opened an ordinary
+        upload session instead (an unused session simply expires on the registry).
+        """
         ep = self.endpoint(ref)
         if repo == ep.repository:
             return False, None
