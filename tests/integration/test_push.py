@@ -16,6 +16,7 @@ from alsd.oci.reference import Reference, parse_reference
 from alsd.push import BlobPush, Pusher
 from alsd.regconf import parse_registries_conf_text
 from alsd.registry import RegistryClient, RegistrySettings
+from tests.support.faultproxy import FaultProxy
 from tests.support.registry import RegistryServer, fixture_blob_path, fixture_manifest
 
 pytest_plugins = ["tests.support.registry"]
@@ -201,3 +202,62 @@ async def test_anonymous_push_with_pull_only_token_is_unauthorized(
         with pytest.raises(Unauthorized) as exc:
             await Pusher(c).push_blob(ref(registry_token, "push/anon"), d, data)
     assert registry_token.address in str(exc.value)
+
+
+def proxied_client(proxy: FaultProxy) -> RegistryClient:
+    # The registry builds upload Locations from the Host it sees; the proxy forwards with
+    # its upstream's Host, so tell the registry where the client really is, or the
+    # PATCH/PUT requests would bypass the proxy.
+    proxy.inject_headers["X-Forwarded-Host"] = proxy.address
+    conf = parse_registries_conf_text(
+        f'[[registry]]\nlocation = "{proxy.address}"\ninsecure = true\n'
+    )
+    return RegistryClient(
+        RegistrySettings(max_retries=3, backoff_min_s=0.01, deadline_s=60),
+        registries=conf,
+        platform=Platform("linux", "amd64"),
+    )
+
+
+async def test_chunk_retried_after_500(registry: RegistryServer) -> None:
+    digest, data = blob(3 * 4096)
+    async with FaultProxy(registry.url) as proxy:
+        proxy.fail(r"/blobs/uploads/", status=500, method="PATCH", times=1)
+        r = parse_reference(f"{proxy.address}/push/fault500:t")
+        async with proxied_client(proxy) as c:
+            p = Pusher(c, chunk_threshold=1, upload_chunk=4096)
+            assert await p.push_blob(r, digest, data) is BlobPush.UPLOADED
+            assert await read_back(c, r, digest) == data
+        patches = [x for x in proxy.requests if x.method == "PATCH"]
+        assert [x.rule for x in patches].count("status") == 1 and len(patches) == 4
+
+
+async def test_chunk_answer_lost_still_gives_the_right_blob(registry: RegistryServer) -> None:
+    # The registry stores the chunk, then the connection breaks before the answer, and the
+    # chunk is sent again. distribution 2.8 takes the resend on the session's recorded
+    # state (newer registries answer 416, and the pusher then resumes from the upload
+    # status); either way the blob must end up exactly right.
+    digest, data = blob(3 * 4096 + 7)
+    async with FaultProxy(registry.url) as proxy:
+        r = parse_reference(f"{proxy.address}/push/faultreset:t")
+        async with proxied_client(proxy) as c:
+            p = Pusher(c, chunk_threshold=1, upload_chunk=4096)
+            location = await p._start_upload(r)
+            proxy.reset_body(r"/blobs/uploads/", method="PATCH", times=1)
+            # Drive the chunked upload on that session (what push_blob does after POST).
+            await p._upload_chunked(r, location, digest, data)
+            assert await read_back(c, r, digest) == data
+        kinds = [(x.method, x.rule) for x in proxy.requests if "/blobs/uploads/" in x.path]
+        assert ("PATCH", "reset") in kinds
+
+
+async def test_final_put_retried_after_502(registry: RegistryServer) -> None:
+    digest, data = blob(2000)
+    async with FaultProxy(registry.url) as proxy:
+        proxy.fail(r"/blobs/uploads/.*digest=", status=502, method="PUT", times=1)
+        r = parse_reference(f"{proxy.address}/push/faultput:t")
+        async with proxied_client(proxy) as c:
+            assert await Pusher(c).push_blob(r, digest, data) is BlobPush.UPLOADED
+            assert await read_back(c, r, digest) == data
+        puts = [x.rule for x in proxy.requests if x.method == "PUT"]
+        assert puts == ["status", None]  # the body was sent again, whole
