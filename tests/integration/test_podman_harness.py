@@ -16,21 +16,19 @@ import gzip
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.support.oci_layout import OciLayout
+
 if TYPE_CHECKING:
     from tests.support.podman import PodmanEnv, PodmanFactory
+    from tests.support.registry import RegistryServer
 
-pytest_plugins = ["tests.support.podman"]
+pytest_plugins = ["tests.support.podman", "tests.support.registry"]
 
 pytestmark = [pytest.mark.podman, pytest.mark.registry, pytest.mark.slow]
 
@@ -38,88 +36,9 @@ EXPECTED = "hello from a fixture"
 TOC_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
-def loopback_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Debian docker-registry on a free loopback port; yields ``127.0.0.1:PORT``.
-
-    Kept local until the shared registry fixture lands in tests/support.
-    """
-    d = tmp_path_factory.mktemp("registry")
-    port = _free_port()
-    (d / "config.yml").write_text(
-        "version: 0.1\n"
-        "log: {level: warn}\n"
-        f"storage: {{filesystem: {{rootdirectory: {d / 'data'}}}, delete: {{enabled: true}}}}\n"
-        f"http: {{addr: 127.0.0.1:{port}}}\n"
-    )
-    log = (d / "registry.log").open("wb")
-    proc = subprocess.Popen(
-        ["docker-registry", "serve", str(d / "config.yml")], stdout=log, stderr=log
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"docker-registry exited: {(d / 'registry.log').read_text()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    pytest.fail("docker-registry did not answer within 30 s")
-                time.sleep(0.1)  # polling interval, not a wait for a condition
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _push(fixtures: Path, tag: str, registry: str) -> str:
-    ref = f"{registry}/fx:{tag}"
-    subprocess.run(
-        ["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
-         f"oci:{fixtures / 'images'}:{tag}", f"docker://{ref}"],
-        check=True, capture_output=True, timeout=120,
-    )
-    return ref
-
-
-@pytest.fixture(scope="module")
-def pushed(fixtures: Path, loopback_registry: str) -> dict[str, str]:
-    return {tag: _push(fixtures, tag, loopback_registry) for tag in ("gzip", "esgz")}
-
-
-class OciLayout:
-    """Just enough of the fixture OCI layout to build a hand-made ALS from it."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def blob_path(self, digest: str) -> Path:
-        algo, hexd = digest.split(":", 1)
-        return self.root / "blobs" / algo / hexd
-
-    def json(self, digest: str) -> Any:
-        return json.loads(self.blob_path(digest).read_bytes())
-
-    def manifest(self, tag: str) -> Any:
-        index = json.loads((self.root / "index.json").read_text())
-        for m in index["manifests"]:
-            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
-                return self.json(m["digest"])
-        raise KeyError(tag)
+def pushed(registry: RegistryServer) -> dict[str, str]:
+    return {tag: registry.push_fixture(tag) for tag in ("gzip", "esgz")}
 
 
 def _extract_layer(blob: Path, diff: Path) -> None:
@@ -148,35 +67,35 @@ def build_plain_als(store: Path, layout: OciLayout, tag: str, ref: str, protocol
     tags hold the same files), so an eStargz layer needs no eStargz reader here.
     Returns the number of layer directories made.
     """
-    manifest = layout.manifest(tag)
-    plain = layout.manifest("gzip")
-    diff_ids = layout.json(manifest["config"]["digest"])["rootfs"]["diff_ids"]
+    image = layout.image(tag)
+    plain = layout.image("gzip")
+    diff_ids = json.loads(layout.blob(image.config_digest))["rootfs"]["diff_ids"]
     refdir = store / base64.standard_b64encode(ref.encode()).decode()
     refdir.mkdir(parents=True)
-    for i, desc in enumerate(manifest["layers"]):
-        plain_blob = layout.blob_path(plain["layers"][i]["digest"])
+    for i, desc in enumerate(image.layers):
+        plain_blob = layout.blob_path(plain.layers[i].digest)
         info: dict[str, Any] = {
-            "compressed-diff-digest": desc["digest"],
-            "compressed-size": desc["size"],
+            "compressed-diff-digest": desc.digest,
+            "compressed-size": desc.size,
             "compression": 2,
         }
         if protocol == "blob-digest":
-            key = desc["digest"]
+            key = desc.digest
             # Old protocol: diff-digest is required (podman 4.3.1 panics without it) and
             # the exact size keeps run and save working (spec.md §1.6).
             info["diff-digest"] = diff_ids[i]
-            with gzip.open(layout.blob_path(desc["digest"])) as f:
+            with gzip.open(layout.blob_path(desc.digest)) as f:
                 info["diff-size"] = sum(len(b) for b in iter(lambda: f.read(1 << 20), b""))
         else:
-            key = desc["annotations"][TOC_ANNOTATION]
+            key = desc.annotations[TOC_ANNOTATION]
             info.update({"toc-digest": key, "diff-size": -1,
                          "flags": {"expected-layer-diffid": diff_ids[i]}})
         layer = refdir / key
         layer.mkdir()
         _extract_layer(plain_blob, layer / "diff")
         (layer / "info").write_text(json.dumps(info))
-        shutil.copyfile(layout.blob_path(desc["digest"]), layer / "blob")
-    return len(manifest["layers"])
+        shutil.copyfile(layout.blob_path(desc.digest), layer / "blob")
+    return len(image.layers)
 
 
 def _als_layer_links(penv: PodmanEnv) -> list[str]:
