@@ -360,6 +360,9 @@ def main(cmd: str, argv: Sequence[str]) -> int:
     except AlsdError as exc:
         print(f"alsd {cmd}: {one_line(str(exc))}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug or an unmapped library error: still one line, exit 1
+        print(f"alsd {cmd}: {src} -> {dst}: unexpected {exc!r}", file=sys.stderr)
+        return 1
     print(f"{dst}@{digest}")
     return 0
 

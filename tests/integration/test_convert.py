@@ -191,6 +191,27 @@ async def test_convert_estargz_copies_layers_as_is(
     await check_converted(registry, dst)
 
 
+@pytest.mark.parametrize("tag", ["zstdchunked-podman43", "zstdchunked-podman54"])
+async def test_convert_zstd_chunked(
+    registry: RegistryServer, fixtures: object, tmp_path: Path, tag: str
+) -> None:
+    src = registry.push_fixture(tag)
+    dst = f"{registry.address}/converted:{tag}"
+    env = cli_env(tmp_path, registry.write_registries_conf(tmp_path / "registries.conf"))
+    r = alsd("convert", src, dst, tmp_path=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "already eStargz" not in r.stderr
+    (_, first), (_, second) = await check_converted(registry, dst)
+    for index, path, size in (
+        (first, "data/small.txt", len("hello from a fixture\n")),
+        (first, "data/big.bin", 300_000),
+        (second, "data/added.txt", None),
+    ):
+        node = index.find(path)
+        assert node is not None, path
+        assert size is None or index.attr(node).size == size
+
+
 async def test_convert_index_keeps_platforms(
     registry: RegistryServer, fixtures: object, tmp_path: Path
 ) -> None:
