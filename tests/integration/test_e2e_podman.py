@@ -1,0 +1,722 @@
+"""podman runs containers through alsd: real podman, real registry, real alsd FUSE mount.
+
+Every test runs on both generations of the ALS protocol (spec.md §1.2, §1.11): the host's
+podman and the other Debian release's podman from the chroot that ``.ci/build-chroot``
+builds. The test ids say which protocol each run exercises: ``blob-digest`` (podman < 5.1
+names layer directories by the compressed blob digest) or ``toc-digest`` (podman >= 5.1
+names them by the TOC digest and asks only about layers with a TOC annotation it knows).
+
+podman only ever talks to the registry through :class:`CountingProxy`, a plain TCP proxy
+that counts the bytes the registry sends (and can hold blob requests, to kill alsd while a
+pull waits on it). alsd reaches the registry through the same proxy, so the count is what
+the registry sent to both.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.support.daemon import AlsdProcess, running_alsd, start_alsd
+from tests.support.oci_layout import OciLayout
+from tests.support.podman import OTHER_ROOT_ENV, other_root_unavailable, parse_version, protocol_for
+
+if TYPE_CHECKING:
+    from tests.support.podman import PodmanEnv, PodmanFactory
+    from tests.support.registry import RegistryServer
+
+pytest_plugins = ["tests.support.podman", "tests.support.registry"]
+
+pytestmark = [pytest.mark.podman, pytest.mark.fuse, pytest.mark.registry, pytest.mark.slow]
+
+EXPECTED = "hello from a fixture"
+LAZY_TAGS = ["esgz", "esgz-noopt", "zstdchunked-podman43", "zstdchunked-podman54",
+             "zstdchunked-stargz", "converted"]  # fmt: skip
+# Annotations containers/image >= 5.31 takes a TOC digest from (spec.md §1.10); a layer
+# with neither is never offered to the ALS by podman >= 5.1.
+TOC_ANNOTATIONS = (
+    "containerd.io/snapshot/stargz/toc.digest",
+    "io.github.containers.zstd-chunked.manifest-checksum",
+)
+ALS_WARNING = "Additional Layer Store"
+BIG_BIN_SIZE = 300_000  # /data/big.bin in the fixture image (random bytes, never read)
+# A pull that waits on a FUSE lookup has no timeout in containers/storage (spec.md §1.9):
+# this bound turns "hangs forever" into a test failure.
+HANG_TIMEOUT_S = 180.0
+DEADLINE_S = 60.0
+# The alsd settings of these tests. Landmark prefetch is off: the fixture's prioritised
+# region holds busybox, i.e. most of the image, and these tests measure what running the
+# container fetches on demand (prefetch has its own tests in test_engine.py).
+ALSD_SETTINGS: dict[str, Any] = {"prefetch.landmark": False, "prefetch.background": False}
+
+
+# ------------------------------------------------------------------ generations
+
+
+def _host_protocol() -> str | None:
+    try:
+        out = subprocess.run(
+            ["podman", "--version"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return protocol_for(parse_version(out))
+
+
+def _generation_params() -> list[Any]:
+    host = _host_protocol()
+    other = {"blob-digest": "toc-digest", "toc-digest": "blob-digest"}.get(host or "")
+    return [
+        pytest.param("host", id=f"host-{host or 'unknown'}"),
+        pytest.param("other", id=f"other-{other or 'unknown'}"),
+    ]
+
+
+@pytest.fixture(params=_generation_params())
+def generation(request: pytest.FixtureRequest) -> str:
+    gen: str = request.param
+    if gen == "other":
+        reason = other_root_unavailable()
+        if reason is not None:
+            pytest.skip(reason)
+    return gen
+
+
+# ------------------------------------------------------------------ counting proxy
+
+_REQUEST_LINE = re.compile(rb"^([A-Z]+) (\S+) HTTP/1\.[01]\r\n")
+_RANGE_HEADER = re.compile(rb"\r\nRange: *([^\r]*)\r\n", re.I)
+
+
+class CountingProxy:
+    """A TCP proxy in front of a registry, counting the bytes the registry sends back.
+
+    Bytes are attributed to the path of the last request line seen on the connection
+    (HTTP/1.1 without pipelining answers requests in order). ``hold_blobs()`` makes GETs
+    of ``/blobs/`` wait until ``release()``; ``held`` counts the requests waiting.
+    Threads, not asyncio: podman and alsd are subprocesses, the test itself is sync.
+    """
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self.by_path: dict[str, int] = defaultdict(int)
+        self.total = 0
+        self.held = 0
+        self.requests: list[tuple[str, str, str | None]] = []  # method, path, Range header
+        self._gate = threading.Event()
+        self._gate.set()
+        self._closed = threading.Event()
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def snapshot(self) -> tuple[int, dict[str, int]]:
+        with self._lock:
+            return self.total, dict(self.by_path)
+
+    def blob_bytes(self, digest: str, since: dict[str, int] | None = None) -> int:
+        _, now = self.snapshot()
+        base = since or {}
+        return sum(n - base.get(p, 0) for p, n in now.items() if f"/blobs/{digest}" in p)
+
+    def whole_blob_gets(self, digests: list[str]) -> list[str]:
+        """Paths of GETs of these blobs that asked for the whole blob (no Range)."""
+        with self._lock:
+            reqs = list(self.requests)
+        return [p for m, p, r in reqs if m == "GET" and r is None and any(d in p for d in digests)]
+
+    def hold_blobs(self) -> None:
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._gate.set()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with self._lock:
+            socks = list(self._socks)
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._socks += [client, up]
+            path = ["?"]
+            threading.Thread(target=self._to_upstream, args=(client, up, path), daemon=True).start()
+            threading.Thread(target=self._to_client, args=(up, client, path), daemon=True).start()
+
+    def _to_upstream(self, client: socket.socket, up: socket.socket, path: list[str]) -> None:
+        try:
+            while data := client.recv(65536):
+                m = _REQUEST_LINE.match(data)
+                if m is not None:
+                    if m[1] == b"GET" and b"/blobs/" in m[2] and not self._gate.is_set():
+                        with self._lock:
+                            self.held += 1
+                        self._gate.wait()
+                        with self._lock:
+                            self.held -= 1
+                    path[0] = m[2].decode(errors="replace")
+                    rng = _RANGE_HEADER.search(data)
+                    with self._lock:
+                        self.requests.append(
+                            (m[1].decode(), path[0], rng[1].decode() if rng else None)
+                        )
+                up.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                up.shutdown(socket.SHUT_WR)
+
+    def _to_client(self, up: socket.socket, client: socket.socket, path: list[str]) -> None:
+        try:
+            while data := up.recv(65536):
+                with self._lock:
+                    self.total += len(data)
+                    self.by_path[path[0]] += len(data)
+                client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_WR)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def poll(what: str, check: Callable[[], bool], timeout_s: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def als_links(penv: PodmanEnv) -> list[str]:
+    """Targets of podman's layer ``diff`` entries that are symlinks (ALS layers)."""
+    overlay = penv.graphroot / "overlay"
+    if not overlay.is_dir():
+        return []
+    diffs = (overlay / d / "diff" for d in os.listdir(overlay) if d != "l")
+    return sorted(os.readlink(p) for p in diffs if p.is_symlink())
+
+
+def storage_layer_count(penv: PodmanEnv) -> int:
+    doc = json.loads((penv.graphroot / "overlay-layers" / "layers.json").read_text())
+    return len(doc)
+
+
+def als_warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if ALS_WARNING in line]
+
+
+def layer_key(layer: dict[str, Any], protocol: str) -> str | None:
+    """The directory name podman of ``protocol`` asks the ALS for (None: it never asks)."""
+    if protocol == "blob-digest":
+        return str(layer["digest"])
+    ann = layer.get("annotations", {})
+    keys = [ann[a] for a in TOC_ANNOTATIONS if a in ann]
+    return keys[0] if len(keys) == 1 else None
+
+
+def ref_layers(alsd: AlsdProcess, ref: str) -> list[dict[str, Any]]:
+    return [la for la in alsd.status()["layers"] if la["ref"] == ref]
+
+
+def fetch_json(url: str) -> dict[str, Any]:
+    req = urllib.request.Request(
+        url,
+        headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json, "
+            "application/vnd.docker.distribution.manifest.v2+json"
+        },
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        doc: dict[str, Any] = json.loads(resp.read())
+        return doc
+
+
+def registry_image(registry: RegistryServer, repo: str, tag: str) -> dict[str, Any]:
+    """The manifest (with ``config`` resolved to the config document) of repo:tag."""
+    manifest = fetch_json(f"{registry.url}/v2/{repo}/manifests/{tag}")
+    manifest["_config"] = fetch_json(
+        f"{registry.url}/v2/{repo}/blobs/{manifest['config']['digest']}"
+    )
+    return manifest
+
+
+def push_manifest(
+    registry: RegistryServer, repo: str, tag: str, manifest: dict[str, Any], config: bytes
+) -> None:
+    """Upload ``config`` and PUT ``manifest`` (its layers must already be in ``repo``)."""
+    digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    req = urllib.request.Request(f"{registry.url}/v2/{repo}/blobs/uploads/", method="POST")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        location = resp.headers["Location"]
+    if location.startswith("/"):
+        location = registry.url + location
+    sep = "&" if "?" in location else "?"
+    req = urllib.request.Request(
+        f"{location}{sep}digest={digest}",
+        data=config,
+        method="PUT",
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    urllib.request.urlopen(req, timeout=30).close()
+    manifest = dict(manifest)
+    manifest["config"] = dict(manifest["config"], digest=digest, size=len(config))
+    body = json.dumps(manifest).encode()
+    req = urllib.request.Request(
+        f"{registry.url}/v2/{repo}/manifests/{tag}",
+        data=body,
+        method="PUT",
+        headers={"Content-Type": manifest["mediaType"]},
+    )
+    urllib.request.urlopen(req, timeout=30).close()
+
+
+def saved_layer_digests(oci_dir: Path) -> list[str]:
+    """Layer digests of a ``podman save --format oci-dir --uncompressed`` directory, each
+    checked by hashing the saved file."""
+
+    def blob(digest: str) -> Path:
+        return oci_dir / "blobs" / digest.replace(":", "/")
+
+    index = json.loads((oci_dir / "index.json").read_text())
+    manifest = json.loads(blob(index["manifests"][0]["digest"]).read_bytes())
+    digests: list[str] = [layer["digest"] for layer in manifest["layers"]]
+    for d in digests:
+        h = hashlib.sha256()
+        with blob(d).open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        assert "sha256:" + h.hexdigest() == d, f"saved layer {d} hashes differently"
+    return digests
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def layout(fixtures: Path) -> OciLayout:
+    return OciLayout(fixtures / "images")
+
+
+@pytest.fixture(scope="module")
+def pushed(registry: RegistryServer, fixtures: Path) -> dict[str, str]:
+    """tag -> "fx:tag" for every fixture tag, plus the shared-layer image "fx:shared"."""
+    out = {}
+    for tag in ["gzip", *[t for t in LAZY_TAGS if t != "converted"]]:
+        registry.push_fixture(tag)
+        out[tag] = f"fx:{tag}"
+    # Image "shared": layer 1 of esgz (the same blob) under a different layer 2 (that of
+    # esgz-noopt), so its first layer is shared with fx:esgz and its second is not.
+    a = registry_image(registry, "fx", "esgz")
+    b = registry_image(registry, "fx", "esgz-noopt")
+    config = dict(a["_config"])
+    config["rootfs"] = {
+        "type": "layers",
+        "diff_ids": [a["_config"]["rootfs"]["diff_ids"][0], b["_config"]["rootfs"]["diff_ids"][1]],
+    }
+    manifest = {k: v for k, v in a.items() if k != "_config"}
+    manifest["layers"] = [a["layers"][0], b["layers"][1]]
+    push_manifest(registry, "fx", "shared", manifest, json.dumps(config).encode())
+    out["shared"] = "fx:shared"
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(registry: RegistryServer, pushed: dict[str, str], tmp_path_factory: Any) -> str:
+    """The gzip tag converted by ``alsd convert``, as "fx:converted" (skips until it exists)."""
+    from tests.support.daemon import REPO
+
+    if not (REPO / "alsd" / "convert.py").exists():
+        pytest.skip("alsd convert is not written yet")
+    work = tmp_path_factory.mktemp("convert")
+    regconf = registry.write_registries_conf(work / "registries.conf")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    env["CONTAINERS_REGISTRIES_CONF"] = str(regconf)
+    env["REGISTRY_AUTH_FILE"] = str(work / "auth.json")
+    (work / "auth.json").write_text('{"auths": {}}')
+    cmd = [sys.executable, "-m", "alsd", "convert",
+           f"{registry.address}/fx:gzip", f"{registry.address}/fx:converted"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stderr[-4000:]}"
+    return "fx:converted"
+
+
+@pytest.fixture
+def proxy(registry: RegistryServer) -> Iterator[CountingProxy]:
+    p = CountingProxy((registry.host, registry.port))
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+class Setup:
+    """alsd and one podman, both reaching the registry through ``proxy``."""
+
+    def __init__(
+        self, podman_env: PodmanFactory, generation: str, proxy: CountingProxy, **alsd_kw: Any
+    ) -> None:
+        self.proxy = proxy
+        self.work = podman_env.workdir(generation)
+        regconf = self.work / "alsd-registries.conf"
+        regconf.write_text(f'[[registry]]\nlocation = "{proxy.address}"\ninsecure = true\n')
+        self.alsd_kw = {"registries_conf": regconf, "settings": ALSD_SETTINGS, **alsd_kw}
+        self.alsd = start_alsd(self.work / "alsd", **self.alsd_kw)
+        self.penv = podman_env(generation, als_mount=self.alsd.mountpoint)
+
+    def ref(self, repo_tag: str) -> str:
+        return f"{self.proxy.address}/{repo_tag}"
+
+    def podman(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        try:
+            return self.penv.run("--log-level=warn", *args, check=check, timeout=HANG_TIMEOUT_S)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- alsd log:\n{self.alsd.log_tail()}") from None
+
+    def restart_alsd(self) -> None:
+        self.alsd = start_alsd(self.work / "alsd", **self.alsd_kw)
+
+    def close(self) -> None:
+        self.alsd.cleanup()
+
+
+@pytest.fixture
+def setup(
+    podman_env: PodmanFactory, generation: str, proxy: CountingProxy
+) -> Iterator[Callable[..., Setup]]:
+    made: list[Setup] = []
+
+    def make(**alsd_kw: Any) -> Setup:
+        s = Setup(podman_env, generation, proxy, **alsd_kw)
+        made.append(s)
+        return s
+
+    try:
+        yield make
+    finally:
+        # podman_env's teardown (system reset) runs after this and needs no ALS: its
+        # layers only point into the mount, and an unmounted mountpoint is a plain dir.
+        for s in made:
+            s.close()
+
+
+# ------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("tag", LAZY_TAGS)
+def test_lazy_image_runs_through_alsd(
+    setup: Callable[..., Setup],
+    tag: str,
+    pushed: dict[str, str],
+    request: pytest.FixtureRequest,
+    registry: RegistryServer,
+) -> None:
+    repo_tag = request.getfixturevalue("converted") if tag == "converted" else pushed[tag]
+    s = setup()
+    penv, alsd, proxy = s.penv, s.alsd, s.proxy
+    ref = s.ref(repo_tag)
+    image = registry_image(registry, *repo_tag.split(":"))
+    layers = image["layers"]
+    compressed = sum(int(la["size"]) for la in layers)
+    keys = [layer_key(la, penv.protocol) for la in layers]
+    print(f"podman {penv.version} ({penv.generation}) speaks the {penv.protocol} protocol")
+
+    pull = s.podman("pull", ref)
+    assert not als_warnings(pull.stderr), pull.stderr
+
+    if None in keys:
+        # podman >= 5.1 never offers a layer without a TOC annotation it knows to the ALS
+        # (spec.md §1.10): zstdchunked-podman43 carries only the old io.containers.* keys.
+        # It must then pull and run normally, and alsd must not serve any of it.
+        assert all(k is None for k in keys), keys
+        run = s.podman("run", "--rm", ref)
+        assert run.stdout.strip() == EXPECTED
+        assert not als_links(penv), "podman used the ALS for a layer without a TOC digest"
+        assert not ref_layers(alsd, ref)
+        return
+
+    # Served by alsd: podman's layer diffs are symlinks into the mount, /status lists them.
+    mount_in_podman = penv.podman_path(alsd.mountpoint)
+    b64 = base64.b64encode(ref.encode()).decode()
+    expected_links = sorted(f"{mount_in_podman}/{b64}/{k}/diff" for k in keys if k)
+    assert als_links(penv) == expected_links, alsd.log_tail()
+    served = {la["digest"]: la for la in ref_layers(alsd, ref)}
+    assert set(served) == {la["digest"] for la in layers}
+    assert all(la["use_count"] >= 1 for la in served.values()), served
+
+    run = s.podman("run", "--rm", ref)
+    assert run.stdout.strip() == EXPECTED
+    assert not als_warnings(run.stderr), run.stderr
+    sent, by_path = proxy.snapshot()
+    print(f"{tag}: registry sent {sent} bytes for a {compressed}-byte image")
+    # Not "less than a quarter" (issue 6): 77% of this image is the static busybox that
+    # the CMD executes, and executing it touches 25 of its 31 64-KiB chunks even with
+    # readahead off (measured), so no lazy store can stay under a quarter here; the demo
+    # checks the quarter on a realistic Python image. What must hold here: nobody (neither
+    # podman nor alsd) downloaded a whole layer, and not all of the image was sent.
+    assert not proxy.whole_blob_gets([la["digest"] for la in layers]), proxy.requests
+    assert sent < compressed, f"sent {sent} of {compressed} bytes: {by_path}"
+
+    # Whiteouts and opaque directories, as the running container sees them.
+    script = "test -e /gone/a && echo gone-a-present; ls -A /gone; echo --; ls -A /opq"
+    out = s.podman("run", "--rm", ref, "sh", "-c", script).stdout.split()
+    assert out == ["b", "--", "z"], out
+
+    # podman save exports from alsd's blob (spec.md §1.7), decompressed: the saved layer
+    # tars must hash to the image's diff_ids, and alsd's blob to the manifest digests.
+    infos = [json.loads(alsd.layer_dir(ref, k).joinpath("info").read_text()) for k in keys if k]
+    blob_read_before = alsd.status()["fuse"]["bytes_read"].get("blob", 0)
+    saved = penv.dir / "saved"
+    save_cmd = ("save", "--format", "oci-dir", "--uncompressed", "-o", penv.podman_path(saved), ref)
+    if penv.protocol == "blob-digest" and any(i.get("diff-size") == 0 for i in infos):
+        # Known limit (spec.md §1.6, config [layers] unknown_diff_size = "lazy-zero"): a
+        # layer whose uncompressed size cannot be known without reading it all (the 2020
+        # zstd:chunked layout has no size annotation and no tar-split) is announced with
+        # diff-size 0; podman <= 5.0 runs it but cannot export it.
+        save = s.podman(*save_cmd, check=False)
+        assert save.returncode != 0, "podman save of a diff-size 0 layer worked after all"
+        assert "alsd" not in save.stderr  # podman's own error; alsd logged the reason
+        assert "podman save/push of this image will fail" in alsd.log()
+    else:
+        save = s.podman(*save_cmd)
+        assert not als_warnings(save.stderr), save.stderr
+        assert saved_layer_digests(saved) == image["_config"]["rootfs"]["diff_ids"]
+        blob_read = alsd.status()["fuse"]["bytes_read"].get("blob", 0) - blob_read_before
+        assert blob_read >= compressed, f"save read {blob_read} bytes of blob, not the layers"
+    for la, key in zip(layers, keys, strict=True):
+        assert key is not None
+        data = alsd.layer_dir(ref, key).joinpath("blob").read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == la["digest"]
+
+    rmi = s.podman("rmi", ref)
+    assert not als_warnings(rmi.stderr), rmi.stderr
+    assert all(la["use_count"] == 0 for la in ref_layers(alsd, ref)), alsd.status()
+    assert not als_links(penv)
+
+
+def test_shared_layer_is_reused(
+    setup: Callable[..., Setup], pushed: dict[str, str], registry: RegistryServer
+) -> None:
+    """fx:shared has fx:esgz's first layer: podman keeps one layer for both, and alsd
+    fetches none of that layer's chunks again."""
+    s = setup()
+    penv, proxy = s.penv, s.proxy
+    ref_a, ref_b = s.ref(pushed["esgz"]), s.ref(pushed["shared"])
+    shared = registry_image(registry, "fx", "shared")["layers"][0]["digest"]
+
+    assert s.podman("run", "--rm", ref_a).stdout.strip() == EXPECTED
+    assert storage_layer_count(penv) == 2
+    _, before = proxy.snapshot()
+    run_b = s.podman("run", "--rm", ref_b)
+    assert run_b.stdout.strip() == EXPECTED
+    assert not als_warnings(run_b.stderr), run_b.stderr
+    # Two images, three layers: the shared one is stored once (and served by alsd).
+    assert storage_layer_count(penv) == 3
+    assert len(als_links(penv)) == 3
+    refetched = proxy.blob_bytes(shared, since=before)
+    assert refetched == 0, f"the shared layer was fetched again ({refetched} bytes)"
+
+
+def test_gzip_image_pulls_normally(setup: Callable[..., Setup], pushed: dict[str, str]) -> None:
+    s = setup()
+    ref = s.ref(pushed["gzip"])
+    run = s.podman("run", "--rm", ref)
+    assert run.stdout.strip() == EXPECTED
+    assert not als_warnings(run.stderr), run.stderr
+    assert not als_links(s.penv)
+    assert all(la["use_count"] == 0 for la in s.alsd.status()["layers"])
+
+
+def test_killing_alsd_mid_pull_never_hangs_and_a_restart_recovers(
+    setup: Callable[..., Setup], pushed: dict[str, str]
+) -> None:
+    s = setup()
+    ref = s.ref(pushed["esgz"])
+    s.proxy.hold_blobs()  # the TOC fetch alsd makes while podman waits in a lookup
+    pull = subprocess.Popen(
+        s.penv.command("--log-level=warn", "pull", ref),
+        env=s.penv.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        poll("alsd to wait on a blob request during the pull", lambda: s.proxy.held > 0)
+        assert pull.poll() is None
+        s.alsd.kill()
+        s.proxy.release()
+        try:
+            _out, err = pull.communicate(timeout=HANG_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("podman pull hung after alsd was killed") from None
+    finally:
+        s.proxy.release()
+        if pull.poll() is None:
+            pull.kill()
+            pull.wait()
+    print(f"pull after SIGKILL: exit {pull.returncode}\n{err}")
+    if pull.returncode == 0:
+        # Fell back: podman pulled the layers itself.
+        assert not als_links(s.penv)
+    else:
+        assert err.strip(), "the failed pull said nothing"
+        assert re.search(
+            r"(transport endpoint|additionallayerstore|additional layer|not connected)", err, re.I
+        ), err
+    with contextlib.suppress(AssertionError):
+        s.penv.run("rmi", "-f", ref, check=False)
+
+    s.restart_alsd()
+    run = s.podman("run", "--rm", ref)
+    assert run.stdout.strip() == EXPECTED
+    assert als_links(s.penv), "after the restart podman did not use alsd"
+
+
+def test_auth_helper_hands_credentials_to_alsd(
+    podman_env: PodmanFactory,
+    generation: str,
+    registry_htpasswd: RegistryServer,
+    tmp_path: Path,
+) -> None:
+    """podman >= 5.2 hands the pull's credentials to ``additional-layer-store-auth-helper``;
+    alsd has no other credentials for this registry, so only they let it serve the layers."""
+    from tests.support.daemon import REPO
+
+    registry_htpasswd.push_fixture("esgz")
+    ref = f"{registry_htpasswd.address}/fx:esgz"
+    work = podman_env.workdir(generation)
+    regconf = registry_htpasswd.write_registries_conf(work / "alsd-registries.conf")
+    empty_auth = work / "alsd-auth.json"
+    empty_auth.write_text('{"auths": {}}')
+    with running_alsd(
+        work / "alsd", registries_conf=regconf, auth_file=empty_auth, settings=ALSD_SETTINGS
+    ) as alsd:
+        helper = work / "auth-helper"
+        relay = HelperRelay(work, alsd, REPO)
+        # podman runs the helper in its own root: name it (and the FIFOs) as podman sees them.
+        seen = (lambda p: p) if generation == "host" else _chroot_path
+        helper.write_text(relay.script(podman_path=seen))
+        helper.chmod(0o755)
+        penv = podman_env(generation, als_mount=alsd.mountpoint, auth_helper=str(seen(helper)))
+        if penv.version_tuple < (5, 2, 0):
+            pytest.skip(f"podman {penv.version} has no additional-layer-store-auth-helper")
+        registry_htpasswd.write_auth_json(penv.auth_file)
+        with relay:
+            run = penv.run("--log-level=warn", "run", "--rm", ref, timeout=HANG_TIMEOUT_S)
+        assert run.stdout.strip() == EXPECTED
+        assert relay.forwarded >= 1
+        assert len(als_links(penv)) == 2, alsd.log_tail()
+        assert all(la["use_count"] >= 1 for la in ref_layers(alsd, ref))
+
+
+def _chroot_path(p: Path) -> Path:
+    root = Path(os.environ[OTHER_ROOT_ENV]).resolve()
+    return Path("/") / p.resolve().relative_to(root)
+
+
+class HelperRelay:
+    """Runs the real ``alsd auth-helper`` on the host for podman's helper program.
+
+    The chroot's podman runs the helper inside the chroot, where neither Python nor alsd
+    is installed: the helper there is a shell script that writes podman's JSON into a
+    FIFO and waits for an answer on a second one; this relay reads it, pipes it into
+    ``python -m alsd auth-helper --socket <control socket>`` and writes back its status.
+    (For the host's podman the same script works unchanged.)
+    """
+
+    def __init__(self, work: Path, alsd: AlsdProcess, repo: Path) -> None:
+        self.request = work / "helper-request.fifo"
+        self.answer = work / "helper-answer.fifo"
+        os.mkfifo(self.request)
+        os.mkfifo(self.answer)
+        self.alsd = alsd
+        self.repo = repo
+        self.forwarded = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def script(self, podman_path: Callable[[Path], Any]) -> str:
+        return (
+            "#!/bin/sh\n"
+            f"cat > {podman_path(self.request)}\n"
+            f"read rc < {podman_path(self.answer)}\n"
+            'exit "$rc"\n'
+        )
+
+    def __enter__(self) -> HelperRelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        # Unblock a relay waiting in open() of the FIFO.
+        with contextlib.suppress(OSError):
+            fd = os.open(self.request, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+        self._thread.join(timeout=30)
+        assert not self.errors, self.errors
+
+    def _serve(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(self.repo))
+        while not self._stop.is_set():
+            with open(self.request, "rb") as f:
+                data = f.read()
+            if self._stop.is_set():
+                return
+            r = subprocess.run(
+                [sys.executable, "-m", "alsd", "auth-helper",
+                 "--socket", str(self.alsd.control_socket)],
+                input=data, capture_output=True, env=env, timeout=60, check=False,
+            )  # fmt: skip
+            if r.returncode == 0:
+                self.forwarded += 1
+            else:
+                self.errors.append(r.stderr.decode(errors="replace"))
+            with open(self.answer, "w") as f:
+                f.write(f"{r.returncode}\n")
