@@ -276,15 +276,11 @@ def _state_dir(path: str) -> Path:
 
 async def run(cfg: Config) -> int:
     """Mount, serve until SIGTERM/SIGINT, unmount. Raises on start-up failure."""
-    from alsd import control
-    from alsd.authfile import CredentialStore
+    from alsd import control, registry_setup
     from alsd.chunkstore import ChunkStore
     from alsd.engine import Engine
     from alsd.fuse_ops import Operations
     from alsd.metadata import MetadataStore
-    from alsd.oci.manifest import host_platform
-    from alsd.regconf import load_registries_conf
-    from alsd.registry import RegistryClient, RegistrySettings
     from alsd.tree import Tree
 
     pyfuse3 = _pyfuse3()
@@ -293,20 +289,8 @@ async def run(cfg: Config) -> int:
     state = _state_dir(cfg.state_dir)
 
     async with AsyncExitStack() as stack:
-        auth_files = [Path(cfg.registry.auth_file)] if cfg.registry.auth_file else None
-        credentials = CredentialStore(auth_files)
-        credentials.check()
-        registries = load_registries_conf(cfg.registry.registries_conf)
-        registry = RegistryClient(
-            RegistrySettings(
-                request_timeout_s=cfg.fetch.request_timeout_s,
-                max_retries=cfg.fetch.max_retries,
-                max_per_host=cfg.fetch.concurrency,
-            ),
-            registries=registries,
-            credentials=credentials,
-            platform=host_platform(),
-        )
+        credentials = registry_setup.credential_store(cfg)
+        registry = registry_setup.registry_client(cfg, credentials=credentials)
         stack.push_async_callback(registry.close)
 
         store = ChunkStore(state / "chunks", cfg.cache.max_bytes)

@@ -21,16 +21,13 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from alsd.authfile import CredentialStore
 from alsd.errors import AlsdError, NotLazyError
 from alsd.oci import formats
 from alsd.oci.manifest import Descriptor
 from alsd.oci.reference import Reference, parse_reference
-from alsd.regconf import load_registries_conf
-from alsd.registry import ByteCounter, RegistryClient, RegistrySettings
+from alsd.registry import ByteCounter, RegistryClient
 
 
 async def describe_layer(
@@ -93,14 +90,12 @@ async def describe_image(client: RegistryClient, ref: Reference) -> dict[str, An
 
 
 def make_client(env: Mapping[str, str] | None = None) -> RegistryClient:
-    """A client configured like podman's CLI would be (registries.conf, auth files)."""
-    e = os.environ if env is None else env
-    auth_file = e.get("REGISTRY_AUTH_FILE")
-    creds = CredentialStore([Path(auth_file)] if auth_file else None, env=e)
-    return RegistryClient(
-        RegistrySettings(deadline_s=60.0),
-        registries=load_registries_conf(env=e),
-        credentials=creds,
+    """A client configured like the daemon's (alsd.toml, registries.conf, auth files), plus
+    what podman's CLI honours (``REGISTRY_AUTH_FILE``)."""
+    from alsd import config, registry_setup
+
+    return registry_setup.registry_client(
+        config.load(None), cli_env=os.environ if env is None else env
     )
 
 
