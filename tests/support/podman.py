@@ -35,7 +35,7 @@ Fixtures (import them into a test module, or list this module in ``pytest_plugin
     Session fixture: the prepared chroot directory (bind-mounted onto itself, with
     ``/proc``, ``/sys`` and ``/dev`` rbind-mounted). Several pytest sessions may share
     one chroot: the bind mounts are made by whoever comes first and removed by whoever
-    leaves last (an flock on a file inside the chroot counts the users).
+    leaves last (an flock on ``DIR.lock`` counts the users).
 
 Paths: ``PodmanEnv.podman_path(host_path)`` maps a host path to what podman sees (the
 identity for ``"host"``), ``PodmanEnv.host_path(path)`` maps back (for example the
@@ -128,10 +128,19 @@ def _mounts_under(prefix: Path) -> list[Path]:
     return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
 
 
+def _is_mount_point(path: Path) -> bool:
+    """Whether something is mounted exactly at ``path``.
+
+    Not os.path.ismount: it compares device numbers with the parent, so a directory
+    bind-mounted onto itself (the chroot's "/") does not count as a mount point for it.
+    """
+    return Path(path) in _mounts_under(path)
+
+
 def _umount(path: Path) -> None:
     """Unmount, lazily if busy; a path that is no longer mounted is fine."""
     r = subprocess.run(["umount", str(path)], capture_output=True, text=True, check=False)
-    if r.returncode != 0 and os.path.ismount(path):
+    if r.returncode != 0 and _is_mount_point(path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
@@ -143,13 +152,14 @@ class OtherRoot:
         self._lock_fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.root / ".alsd-test-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        # Beside the chroot, not in it: an open file inside would keep the bind mount busy.
+        fd = os.open(f"{self.root}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._lock_fd = fd
         # Exclusive while (maybe) setting up, then shared while in use: the last one out
         # is the only one that can take the lock exclusively again, and it unmounts.
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            if not os.path.ismount(self.root):
+            if not _is_mount_point(self.root):
                 self._mount()
         finally:
             fcntl.flock(fd, fcntl.LOCK_SH)
@@ -181,8 +191,14 @@ class OtherRoot:
             os.close(fd)  # another session still uses the chroot
             return
         try:
-            for m in _mounts_under(self.root):
-                _umount(m)
+            # Several rounds: mounts may be stacked (an interrupted session mounted, then
+            # another one mounted again on top), and `umount` removes the top one only.
+            for _ in range(8):
+                mounts = _mounts_under(self.root)
+                if not mounts:
+                    break
+                for m in mounts:
+                    _umount(m)
         finally:
             os.close(fd)
 
