@@ -549,7 +549,7 @@ def test_shared_layer_is_reused(
     setup: Callable[..., Setup], pushed: dict[str, str], registry: RegistryServer
 ) -> None:
     """fx:shared has fx:esgz's first layer: podman keeps one layer for both, and alsd
-    fetches none of that layer's chunks again."""
+    fetches none of that layer's file contents again."""
     s = setup()
     penv, proxy = s.penv, s.proxy
     ref_a, ref_b = s.ref(pushed["esgz"]), s.ref(pushed["shared"])
@@ -564,8 +564,10 @@ def test_shared_layer_is_reused(
     # Two images, three layers: the shared one is stored once (and served by alsd).
     assert storage_layer_count(penv) == 3
     assert len(als_links(penv)) == 3
+    # alsd resolves (fx:shared, layer) anew, which may read the layer's footer and TOC
+    # (3.8 KB here), but no file content: the container's reads hit the cached chunks.
     refetched = proxy.blob_bytes(shared, since=before)
-    assert refetched == 0, f"the shared layer was fetched again ({refetched} bytes)"
+    assert refetched < 16 * 1024, f"the shared layer was fetched again ({refetched} bytes)"
 
 
 def test_gzip_image_pulls_normally(setup: Callable[..., Setup], pushed: dict[str, str]) -> None:
@@ -607,8 +609,10 @@ def test_killing_alsd_mid_pull_never_hangs_and_a_restart_recovers(
             pull.wait()
     print(f"pull after SIGKILL: exit {pull.returncode}\n{err}")
     if pull.returncode == 0:
-        # Fell back: podman pulled the layers itself.
+        # Fell back: the lookup failed (ENOTCONN), which containers/storage treats as "not
+        # in this store", so podman pulled the layers itself (silently) and the image works.
         assert not als_links(s.penv)
+        assert s.penv.run("run", "--rm", ref).stdout.strip() == EXPECTED
     else:
         assert err.strip(), "the failed pull said nothing"
         assert re.search(
