@@ -1,0 +1,301 @@
+# ruff: noqa: RUF001, RUF002
+"""Turn a finished :class:`bench.runner.Bench` into ``results/<date>.md`` and a PNG chart.
+
+Every figure is a median with its min–max over the repetitions; ratios are of medians.
+The latest table is also copied into ``bench/README.md`` between two marker comments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.runner import Bench, ColdResult, Stat
+
+README_BEGIN = "<!-- latest results: begin -->"
+README_END = "<!-- latest results: end -->"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _ratio(a: float, b: float) -> str:
+    if not b or math.isnan(a) or math.isnan(b):
+        return "–"
+    return f"{a / b:.2f}×"
+
+
+def _machine() -> list[str]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1e6:.1f} GB"
+    except (OSError, ValueError, IndexError):
+        pass
+    deb = "?"
+    with contextlib.suppress(OSError):
+        deb = Path("/etc/debian_version").read_text().strip()
+
+    return [
+        f"CPU: {cpu}, {os.cpu_count()} cores; RAM {mem}",
+        f"Kernel {platform.release()}, Debian {deb}, Python {platform.python_version()}",
+    ]
+
+
+def _git_rev(repo: Path) -> str:
+    r = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True)  # fmt: skip
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "alsd"],
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return r.stdout.strip() + (" (alsd/ modified)" if dirty else "")
+
+
+def _cold_table(b: Bench, workload: str) -> list[str]:
+    from bench.runner import VARIANTS
+
+    base = b.cold.get((workload, "gzip"))
+    lines = [
+        "| variant | pull | run | cold start | vs gzip | warm start | bytes over link "
+        "| vs gzip | alsd RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in VARIANTS:
+        r: ColdResult | None = b.cold.get((workload, v.key))
+        if r is None:
+            continue
+        if not r.total.ok:
+            reason = "; ".join(dict.fromkeys(r.pull.errors))[:300] or "not run"
+            lines.append(f"| {v.label} | failed: {reason} | | | | | | | |")
+            continue
+        t_ratio = _ratio(r.total.median, base.total.median) if base and base.total.ok else "–"
+        b_ratio = (_ratio(r.bytes_total.median, base.bytes_total.median)
+                   if base and base.bytes_total.ok else "–")  # fmt: skip
+        rss = r.rss.fmt("MB", 1e6, 0) if r.rss.ok else "–"
+        lines.append(
+            f"| {v.label} | {r.pull.fmt()} | {r.run.fmt()} | **{r.total.fmt()}** | {t_ratio} "
+            f"| {r.warm.fmt()} | {r.bytes_total.fmt('MB', 1e6, 1)} | {b_ratio} | {rss} |"
+        )
+    return lines
+
+
+def _targets(b: Bench) -> list[str]:
+    out = []
+    for w, facts in b.images.items():
+        base = b.cold.get((w, "gzip"))
+        prio = b.cold.get((w, "alsd-esgz-prio"))
+        if base and prio and base.total.ok and prio.total.ok:
+            r = prio.total.median / base.total.median
+            out.append(f"- {w}: cold start, alsd + prioritised eStargz vs full gzip pull: "
+                       f"{r:.2f}× (target ≤ 0.15×) — "
+                       f"{'met' if r <= 0.15 else 'NOT met'}")  # fmt: skip
+            pc = facts.get("prio_compressed_bytes") or 0
+            if pc:
+                rb = prio.bytes_total.median / pc
+                out.append(
+                    f"- {w}: bytes fetched for that start {_mb(prio.bytes_total.median)} vs "
+                    f"compressed size of the prioritised (traced) files {_mb(pc)}: {rb:.2f}× "
+                    f"(target ≤ 1.5×) — {'met' if rb <= 1.5 else 'NOT met'}"
+                )
+    rd = b.sections.get("read")
+    if rd and rd["chunkstore"].ok and rd["local_disk"].ok:
+        r1 = rd["chunkstore"].median / rd["local_disk"].median
+        r2 = rd["pagecache"].median / rd["local_pagecache"].median
+        out.append(f"- warm reads from the chunk store vs local disk: {r1:.2f}× "
+                   f"(target ≥ 0.5×) — {'met' if r1 >= 0.5 else 'NOT met'}")  # fmt: skip
+        out.append(f"- page-cache reads vs local page cache: {r2:.2f}× (target ≥ 0.9×) — "
+                   f"{'met' if r2 >= 0.9 else 'NOT met'}")  # fmt: skip
+    md = b.sections.get("metadata")
+    if md and md["second"].ok:
+        r = md["second"].median / md["local_second"].median
+        out.append(f"- second metadata pass vs local: {r:.2f}× (target ≤ 1.5×) — "
+                   f"{'met' if r <= 1.5 else 'NOT met'}")  # fmt: skip
+    rs = b.sections.get("restart")
+    if rs and rs["first_lookup"].ok:
+        t = rs["first_lookup"].median
+        by = rs["bytes"].median
+        out.append(f"- restart to serving: {t:.2f} s, {by:.0f} bytes fetched "
+                   f"(target < 1 s, 0 bytes) — "
+                   f"{'met' if t < 1 and by == 0 else 'NOT met'}")  # fmt: skip
+    return out
+
+
+def _chart(b: Bench, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from bench.runner import VARIANTS
+
+    workloads = list(b.images)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.5),
+                             squeeze=False)  # fmt: skip
+    for ax, w in zip(axes[0], workloads, strict=True):
+        labels, pulls, runs = [], [], []
+        for v in VARIANTS:
+            r = b.cold.get((w, v.key))
+            if r is None:
+                continue
+            labels.append(v.label.replace(", ", ",\n"))
+            pulls.append(r.pull.median if r.total.ok else 0.0)
+            runs.append(r.run.median if r.total.ok else 0.0)
+        x = range(len(labels))
+        ax.bar(x, pulls, label="podman pull", color="#4c72b0")
+        ax.bar(x, runs, bottom=pulls, label="podman run (to exit)", color="#dd8452")
+        for i, (p, r) in enumerate(zip(pulls, runs, strict=True)):
+            ax.text(i, p + r, f"{p + r:.1f}s" if p + r else "failed", ha="center", va="bottom",
+                    fontsize=8)  # fmt: skip
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylabel("seconds (median)")
+        ax.set_title(f"cold start: {w}")
+        ax.legend(fontsize=8)
+    a = b.args
+    fig.suptitle(f"{a.rate_mbit:g} Mbit/s, {a.rtt_ms:g} ms RTT emulated link", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(b: Bench, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d")
+    md_path = out_dir / f"{stamp}.md"
+    png_path = out_dir / f"{stamp}-cold-start.png"
+    a = b.args
+    L: list[str] = [f"# alsd benchmark, {time.strftime('%Y-%m-%d %H:%M')}", ""]
+    L += [f"- {x}" for x in _machine()]
+    L += [
+        f"- {b.podman_version}; alsd at git {_git_rev(Path(__file__).resolve().parents[1])}",
+        f"- Link: userspace proxy (bench/wanproxy.py) in front of a loopback docker-registry, "
+        f"{a.rate_mbit:g} Mbit/s token bucket per direction, {a.rtt_ms:g} ms added RTT "
+        f"(+1 RTT per new connection)",
+        f"- {a.reps} repetition(s) per figure: median (min–max). Run took "
+        f"{getattr(b, 'duration', 0) / 60:.1f} min. Cold = image absent, fresh podman store, "
+        "fresh alsd state, page cache dropped.",
+        "",
+        "## Workloads",
+        "",
+        "| workload | files | tar | gzip | zstd:chunked | eStargz | eStargz prio. "
+        "| traced files (read by CMD) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for w, f in b.images.items():
+        L.append(
+            f"| {w} | {f.get('files', '?')} | {_mb(f.get('tar_size', 0))} | "
+            f"{_mb(f.get('gzip_size', 0))} | "
+            f"{_mb(f['zstdchunked_size']) if 'zstdchunked_size' in f else 'failed'} | "
+            f"{_mb(f.get('esgz_size', 0))} | {_mb(f.get('esgz_prio_size', 0))} | "
+            f"{f.get('traced_files', 0)} files, {_mb(f.get('traced_bytes', 0))} "
+            f"({_mb(f.get('prio_compressed_bytes', 0))} compressed) |"
+        )
+    L += [""]
+    for w, f in b.images.items():
+        L += [f"- **{w}**: {f['description']}. CMD: `{f['cmd']}`"]
+    L += ["", "## Cold and warm start", "",
+          "pull = `podman pull`, run = `podman run --rm` to container exit, cold start = both; "
+          "warm start = `podman run --rm` again with the image present; bytes = registry → "
+          "client bytes across the link during pull + run.", ""]  # fmt: skip
+    for w in b.images:
+        L += [f"### {w}", "", *_cold_table(b, w), ""]
+    if _chart(b, png_path):
+        L += [f"![cold start per variant]({png_path.name})", ""]
+    rd = b.sections.get("read")
+    if rd:
+        S: dict[str, Stat] = rd
+        L += [
+            "## Read throughput through diff/", "",
+            f"One {_mb(rd['size'])} incompressible file in an eStargz layer "
+            f"({_mb(rd['blob_size'])} blob), read sequentially with 1 MiB reads.", "",
+            "| read | throughput | vs local |", "|---|---|---|",
+            f"| cold, from the registry over the link | {S['cold'].fmt('MB/s', 1e6, 1)} | "
+            f"{_ratio(S['cold'].median, S['local_disk'].median)} (of local disk) |",
+            f"| again, from the chunk store (page cache dropped) | "
+            f"{S['chunkstore'].fmt('MB/s', 1e6, 1)} | "
+            f"{_ratio(S['chunkstore'].median, S['local_disk'].median)} (of local disk) |",
+            f"| again, page cache | {S['pagecache'].fmt('MB/s', 1e6, 1)} | "
+            f"{_ratio(S['pagecache'].median, S['local_pagecache'].median)} (of local page cache) |",
+            f"| local directory, page cache dropped | {S['local_disk'].fmt('MB/s', 1e6, 1)} | |",
+            f"| local directory, page cache | {S['local_pagecache'].fmt('MB/s', 1e6, 1)} | |",
+            "",
+            f"Bytes over the link for the cold read: {rd['bytes_cold'].fmt('MB', 1e6, 1)}.",
+            "",
+        ]  # fmt: skip
+    md = b.sections.get("metadata")
+    if md:
+        L += [
+            "## Metadata", "",
+            f"`find DIR -printf '%s %T@ %m'` (an lstat per entry) over the {md['workload']} "
+            f"eStargz layer's diff/ ({md['entries']} entries) vs the same tree on local disk "
+            f"({md['local_entries']} entries). First pass after dropping the page cache; the "
+            f"layer was looked up (TOC fetched) before: lookup {md['lookup'].fmt()}.", "",
+            "| pass | alsd | local | vs local |", "|---|---|---|---|",
+            f"| first | {md['first'].fmt(digits=3)} | {md['local_first'].fmt(digits=3)} | "
+            f"{_ratio(md['first'].median, md['local_first'].median)} |",
+            f"| second | {md['second'].fmt(digits=3)} | {md['local_second'].fmt(digits=3)} | "
+            f"{_ratio(md['second'].median, md['local_second'].median)} |",
+            "",
+        ]  # fmt: skip
+    rs = b.sections.get("restart")
+    if rs:
+        per = "–"
+        if rs["rss_loaded"].ok and rs["rss_idle"].ok:
+            per = _mb((rs["rss_loaded"].median - rs["rss_idle"].median)
+                      * 100_000 / rs["toc_entries"])  # fmt: skip
+        L += [
+            "## Restart and memory", "",
+            f"{rs['layers']} eStargz layers ({rs['toc_entries']} TOC entries in all) looked up "
+            "and listed, alsd stopped (SIGTERM) and started again on the same state directory.",
+            "",
+            "| figure | value |", "|---|---|",
+            f"| process start → mounted | {rs['mount'].fmt(digits=3)} |",
+            f"| process start → first known layer's diff/ answers | "
+            f"{rs['first_lookup'].fmt(digits=3)} |",
+            f"| process start → all {rs['layers']} answered | {rs['all_lookups'].fmt(digits=3)} |",
+            f"| bytes fetched from the registry meanwhile | {rs['bytes'].fmt('B', 1, 0)} |",
+            f"| alsd RSS, idle after start | {rs['rss_idle'].fmt('MB', 1e6, 1)} |",
+            f"| alsd RSS, {rs['layers']} layers loaded | {rs['rss_loaded'].fmt('MB', 1e6, 1)} |",
+            f"| alsd RSS after restart, layers listed | {rs['rss_restarted'].fmt('MB', 1e6, 1)} |",
+            f"| RSS growth per 100 000 TOC entries (loaded − idle) | {per} |",
+            "",
+            "`python -m bench.index_memory 100000` (a parsed LayerIndex alone):", "",
+            "```", str(rs.get("index_memory", "")).strip(), "```", "",
+        ]  # fmt: skip
+    L += ["## Targets (issue 7)", ""] + (_targets(b) or ["- no figures to compare"]) + [""]
+    if b.failures:
+        L += ["## Failures", ""] + [f"- {f}" for f in b.failures] + [""]
+    text = "\n".join(L)
+    md_path.write_text(text)
+    _update_readme(out_dir.parent / "README.md", text, md_path.name)
+    return md_path
+
+
+def _update_readme(readme: Path, text: str, name: str) -> None:
+    if not readme.exists():
+        return
+    body = readme.read_text()
+    if README_BEGIN not in body or README_END not in body:
+        return
+    head, _, rest = body.partition(README_BEGIN)
+    _, _, tail = rest.partition(README_END)
+    block = text.replace("](", "](results/").replace("](results/http", "](http")
+    readme.write_text(
+        f"{head}{README_BEGIN}\n\n(from results/{name})\n\n{block}\n{README_END}{tail}"
+    )

@@ -1,0 +1,632 @@
+# ruff: noqa: RUF001
+"""``bench/run``: how much faster a container starts through alsd over an emulated WAN link.
+
+One command, side by side in one run, every measurement repeated ``--reps`` times (median
+and min-max):
+
+1. cold start (``podman pull`` + ``podman run``, image absent, alsd state and page cache
+   empty) and bytes across the link, for: full gzip pull; podman's own partial pull of
+   zstd:chunked (``enable_partial_images``); alsd with eStargz (no optimisation), eStargz
+   with prioritised files (traced run) and zstd:chunked;
+2. warm start (the same ``podman run`` again);
+3. read throughput of a 100 MB file through ``diff/`` (cold, chunk store, page cache) vs a
+   local directory;
+4. metadata: ``find`` + stat over an ~8000-file layer, first and second pass, vs local;
+5. restart with 50 layers cached: time until a lookup answers, bytes fetched;
+6. memory: alsd RSS with those layers, and per 100 000 TOC entries (bench/index_memory.py).
+
+Writes ``bench/results/<date>.md`` and ``<date>-cold-start.png``. Benchmarks print
+figures; nothing here passes or fails, and a variant that fails is reported with its reason.
+Needs root (FUSE, podman, drop_caches). Synchronous; the WAN proxy runs in its own thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import registry as reg  # noqa: E402
+from bench import workloads as wl  # noqa: E402
+from bench.wanproxy import WanProxy  # noqa: E402
+from tests.support.daemon import AlsdProcess, start_alsd  # noqa: E402
+from tests.support.podman import PodmanEnv, parse_version  # noqa: E402
+
+log = wl.log
+
+# alsd as a user would run it (defaults), but quieter than the test helper's debug log.
+ALSD_SETTINGS: dict[str, Any] = {"log_level": "info", "prefetch.background": True}
+
+PARTIAL_PULL_OPTIONS = (
+    'pull_options = {enable_partial_images = "true", use_hard_links = "false", ostree_repos = ""}\n'
+)
+
+
+# ---------------------------------------------------------------------- small helpers
+
+
+def drop_caches() -> None:
+    os.sync()
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def read_file(path: Path) -> int:
+    buf = bytearray(1 << 20)
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while k := f.readinto(buf):
+            n += k
+    return n
+
+
+def count_find(path: Path) -> int:
+    # -printf with size and mtime makes find lstat every entry, like `ls -lR` would.
+    out = subprocess.run(
+        ["find", str(path), "-printf", "%s %T@ %m\n"], capture_output=True, check=True
+    ).stdout
+    return out.count(b"\n")
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.monotonic()
+    r = fn()
+    return time.monotonic() - t, r
+
+
+@dataclass
+class Stat:
+    values: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, v: float) -> None:
+        self.values.append(v)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.values)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    def fmt(self, unit: str = "s", scale: float = 1.0, digits: int = 2) -> str:
+        if not self.values:
+            return "failed" if self.errors else "n/a"
+        m = self.median / scale
+        if len(self.values) == 1:
+            return f"{m:.{digits}f} {unit}".strip()
+        lo, hi = min(self.values) / scale, max(self.values) / scale
+        return f"{m:.{digits}f} {unit} ({lo:.{digits}f}–{hi:.{digits}f})".replace(" (", " (", 1)
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+# ---------------------------------------------------------------------- the bench
+
+
+@dataclass
+class Variant:
+    key: str
+    label: str
+    tag: str
+    als: bool
+    partial: bool = False
+
+
+VARIANTS = [
+    Variant("gzip", "gzip, full pull (podman)", "gzip", als=False),
+    Variant("zstd-partial", "zstd:chunked, podman partial pull", "zstdchunked", als=False,
+            partial=True),
+    Variant("alsd-esgz", "alsd, eStargz", "esgz", als=True),
+    Variant("alsd-esgz-prio", "alsd, eStargz prioritised", "esgz-prio", als=True),
+    Variant("alsd-zstd", "alsd, zstd:chunked", "zstdchunked", als=True),
+]  # fmt: skip
+
+
+@dataclass
+class ColdResult:
+    pull: Stat = field(default_factory=Stat)
+    run: Stat = field(default_factory=Stat)
+    total: Stat = field(default_factory=Stat)
+    warm: Stat = field(default_factory=Stat)
+    bytes_pull: Stat = field(default_factory=Stat)
+    bytes_run: Stat = field(default_factory=Stat)
+    bytes_total: Stat = field(default_factory=Stat)
+    rss: Stat = field(default_factory=Stat)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.cache: Path = args.cache_dir
+        self.work: Path = args.workdir
+        self.registry: reg.Registry | None = None
+        self.proxy: WanProxy | None = None
+        self.podman_version = ""
+        self.images: dict[str, dict[str, Any]] = {}  # workload -> facts
+        self.cold: dict[tuple[str, str], ColdResult] = {}
+        self.sections: dict[str, dict[str, Any]] = {}
+        self.failures: list[str] = []
+        self._n = 0
+
+    # ---- environment ----
+
+    def fresh_dir(self, prefix: str) -> Path:
+        self._n += 1
+        # Short on purpose: with a long runroot path podman 4.3 misses conmon's exit
+        # notification and every `podman run` waits out its 20 s conmon timeout.
+        d = self.work / f"{prefix}{self._n}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        return d
+
+    def podman(self, d: Path, als_mount: Path | None = None, partial: bool = False) -> PodmanEnv:
+        env = PodmanEnv(generation="host", dir=d, chroot=None, als_mount=als_mount)
+        env.write_configs((), None)
+        if partial:
+            with open(d / "storage.conf", "a") as f:
+                f.write(PARTIAL_PULL_OPTIONS)
+        env.version_tuple = parse_version(env.run("--version").stdout)
+        return env
+
+    def alsd(self, d: Path, **kw: Any) -> AlsdProcess:
+        conf = self.work / "alsd-registries.conf"
+        if not conf.exists():
+            conf.write_text(
+                'unqualified-search-registries = []\n\n[[registry]]\nlocation = "127.0.0.1"\n'
+                "insecure = true\n"
+            )
+        return start_alsd(d, registries_conf=conf, settings=ALSD_SETTINGS, **kw)
+
+    @property
+    def link(self) -> str:
+        assert self.proxy is not None
+        return self.proxy.address
+
+    def ref(self, workload: str, tag: str) -> str:
+        return f"{self.link}/bench/{workload}:{tag}"
+
+    # ---- images ----
+
+    def push_workload(self, w: wl.Workload) -> None:
+        assert self.registry is not None
+        addr = self.registry.address
+        facts: dict[str, Any] = {"description": w.description, "cmd": " ".join(w.cmd)}
+        self.images[w.name] = facts
+        tar = wl.layer_tar(self.cache, w)
+        facts["tar_size"] = tar.stat().st_size
+        facts["files"] = sum(1 for _ in Path(wl.rootfs(self.cache, w)).rglob("*"))
+        diff_id = wl.tar_diff_id(tar)
+        # zstd:chunked first, from a fresh store into a fresh registry, so podman's blob-info
+        # cache has nothing to substitute (environment.md).
+        try:
+            d = self.fresh_dir("p")
+            env = self.podman(d)
+            try:
+                cmd_json = json.dumps(list(w.cmd))
+                env.run(
+                    "import", "--change", f"CMD {cmd_json}", str(tar), f"localhost/bench-{w.name}"
+                )
+                log(f"podman push --compression-format zstd:chunked bench/{w.name}")
+                env.run("push", "--compression-format", "zstd:chunked", f"localhost/bench-{w.name}",
+                        f"docker://{addr}/bench/{w.name}:zstdchunked", timeout=1200)  # fmt: skip
+            finally:
+                env.teardown()
+            m = reg.get_manifest(addr, f"bench/{w.name}", "zstdchunked")
+            lay = m["layers"][0]
+            if "zstd" not in lay["mediaType"] or not any(
+                "zstd-chunked" in k for k in lay.get("annotations", {})
+            ):
+                raise RuntimeError(
+                    f"podman pushed {lay['mediaType']} without zstd:chunked annotations"
+                )
+            facts["zstdchunked_size"] = lay["size"]
+        except Exception as exc:
+            self.fail(f"{w.name}: zstd:chunked push", exc)
+        gz = wl.gzip_blob(self.cache, w)
+        blob = reg.BlobRef.from_file(gz, reg.LAYER_GZIP, digest=wl._sidecar(
+            gz, lambda: {"digest": wl.sha256_file(gz)})["digest"])  # fmt: skip
+        reg.push_image(addr, f"bench/{w.name}", "gzip", [blob], [diff_id], w.cmd)
+        facts["gzip_size"] = blob.size
+        noopt = wl.estargz_blob(self.cache, w.name, tar, ())
+        self._push_esgz(w, "esgz", noopt)
+        facts["esgz_size"] = noopt.size
+        facts["esgz_digest"] = noopt.digest
+        traced = wl.traced_files(self.cache, w)
+        facts["traced_files"] = len(traced)
+        facts["traced_bytes"] = wl.trace_bytes(self.cache, w, traced)
+        prio = wl.estargz_blob(self.cache, w.name, tar, traced)
+        self._push_esgz(w, "esgz-prio", prio)
+        facts["esgz_prio_size"] = prio.size
+        facts["prio_compressed_bytes"] = prio.prefetch_end
+
+    def _push_esgz(self, w: wl.Workload, tag: str, b: wl.EsgzBlob) -> None:
+        assert self.registry is not None
+        blob = reg.BlobRef.from_file(b.path, reg.LAYER_GZIP, digest=b.digest,
+                                     annotations=b.annotations())  # fmt: skip
+        reg.push_image(self.registry.address, f"bench/{w.name}", tag, [blob], [b.diff_id], w.cmd)
+
+    def push_single_layer(self, repo: str, tar: Path, prio: Sequence[str] = ()) -> wl.EsgzBlob:
+        assert self.registry is not None
+        b = wl.estargz_blob(self.cache, tar.stem, tar, prio)
+        blob = reg.BlobRef.from_file(b.path, reg.LAYER_GZIP, digest=b.digest,
+                                     annotations=b.annotations())  # fmt: skip
+        reg.push_image(self.registry.address, repo, "esgz", [blob], [b.diff_id], ["true"])
+        return b
+
+    # ---- 1+2: cold and warm start ----
+
+    def cold_start(self, w: wl.Workload, v: Variant, res: ColdResult, expect: str) -> None:
+        d = self.fresh_dir("c")
+        als: AlsdProcess | None = None
+        env: PodmanEnv | None = None
+        ref = self.ref(w.name, v.tag)
+        assert self.proxy is not None
+        try:
+            if v.als:
+                als = self.alsd(d / "a")
+            env = self.podman(d / "p", als.mountpoint if als else None, v.partial)
+            drop_caches()
+            self.proxy.reset()
+            t_pull, _ = timed(lambda: env.run("pull", "-q", ref, timeout=1200))  # type: ignore[union-attr]
+            b_pull = self.proxy.stats()["down_bytes"]
+            self.proxy.reset()
+            t_run, out = timed(lambda: env.run("run", "--rm", ref, timeout=1200))  # type: ignore[union-attr]
+            b_run = self.proxy.stats()["down_bytes"]
+            if expect not in out.stdout:
+                raise RuntimeError(f"unexpected output {out.stdout[-200:]!r}")
+            if v.als:
+                assert als is not None
+                if not self._als_used(env):
+                    raise RuntimeError("podman did not use the additional layer store")
+                res.rss.add(rss_bytes(als.proc.pid))
+            t_warm, _ = timed(lambda: env.run("run", "--rm", ref, timeout=600))  # type: ignore[union-attr]
+            res.pull.add(t_pull)
+            res.run.add(t_run)
+            res.total.add(t_pull + t_run)
+            res.warm.add(t_warm)
+            res.bytes_pull.add(b_pull)
+            res.bytes_run.add(b_run)
+            res.bytes_total.add(b_pull + b_run)
+            log(f"  {w.name} {v.key}: pull {t_pull:.2f}s run {t_run:.2f}s warm {t_warm:.2f}s "
+                f"{mb(b_pull + b_run)}")  # fmt: skip
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()
+            tail = als.log_tail(1500) if als is not None else ""
+            res.pull.errors.append(" ".join(msg[-3:])[:300])
+            log(f"  {w.name} {v.key}: FAILED {' '.join(msg[-3:])[:300]}")
+            if tail:
+                (self.work / f"failed-{w.name}-{v.key}.log").write_text(tail)
+        finally:
+            if env is not None:
+                env.teardown()
+            if als is not None:
+                with contextlib.suppress(Exception):
+                    als.cleanup()
+            shutil.rmtree(d, ignore_errors=True)
+
+    @staticmethod
+    def _als_used(env: PodmanEnv) -> bool:
+        """A layer of the store is a symlink into the ALS (spec.md §1.7)."""
+        overlay = env.graphroot / "overlay"
+        return any((p / "additionallayer").exists() for p in overlay.iterdir() if p.is_dir())
+
+    # ---- 3: read throughput ----
+
+    def read_throughput(self) -> None:
+        sec: dict[str, Any] = {}
+        self.sections["read"] = sec
+        tar = wl.bigfile_tar(self.cache)
+        b = self.push_single_layer("bench/bigfile", tar)
+        size = 0
+        local_dir = self.work / "local-bigfile"
+        shutil.rmtree(local_dir, ignore_errors=True)
+        local_dir.mkdir()
+        with tarfile.open(tar) as t:
+            t.extractall(local_dir)
+        local = local_dir / "big.bin"
+        size = local.stat().st_size
+        sec["size"] = size
+        names = ["cold", "chunkstore", "pagecache", "local_disk", "local_pagecache"]
+        stats = {n: Stat() for n in names}
+        bytes_cold = Stat()
+        assert self.proxy is not None
+        for _ in range(self.args.reps):
+            d = self.fresh_dir("r")
+            als = None
+            try:
+                als = self.alsd(d)
+                layer = als.layer_dir(self.ref("bigfile", "esgz"), b.digest)
+                path = layer / "diff" / "big.bin"
+                os.stat(layer / "diff")  # resolve the layer (TOC) outside the timing
+                drop_caches()
+                self.proxy.reset()
+                t, n = timed(partial(read_file, path))
+                assert n == size, f"read {n} of {size} bytes"
+                stats["cold"].add(size / t)
+                bytes_cold.add(self.proxy.stats()["down_bytes"])
+                drop_caches()
+                t, _ = timed(partial(read_file, path))
+                stats["chunkstore"].add(size / t)
+                t, _ = timed(partial(read_file, path))
+                stats["pagecache"].add(size / t)
+            except Exception as exc:
+                stats["cold"].errors.append(str(exc)[:300])
+                self.fail("read throughput", exc, als)
+            finally:
+                if als is not None:
+                    with contextlib.suppress(Exception):
+                        als.cleanup()
+            drop_caches()
+            t, _ = timed(lambda: read_file(local))
+            stats["local_disk"].add(size / t)
+            t, _ = timed(lambda: read_file(local))
+            stats["local_pagecache"].add(size / t)
+        shutil.rmtree(local_dir, ignore_errors=True)
+        sec.update(stats)
+        sec["bytes_cold"] = bytes_cold
+        sec["blob_size"] = b.size
+
+    # ---- 4: metadata ----
+
+    def metadata(self, w: wl.Workload) -> None:
+        sec: dict[str, Any] = {"workload": w.name}
+        self.sections["metadata"] = sec
+        digest = self.images[w.name]["esgz_digest"]
+        stats = {n: Stat() for n in ("lookup", "first", "second", "local_first", "local_second")}
+        entries = 0
+        local = wl.rootfs(self.cache, w)
+        for _ in range(self.args.reps):
+            d = self.fresh_dir("m")
+            als = None
+            try:
+                als = self.alsd(d)
+                diff = als.layer_dir(self.ref(w.name, "esgz"), digest) / "diff"
+                t, _ = timed(partial(os.stat, diff))
+                stats["lookup"].add(t)
+                drop_caches()
+                t, entries = timed(partial(count_find, diff))
+                stats["first"].add(t)
+                t, _ = timed(partial(count_find, diff))
+                stats["second"].add(t)
+            except Exception as exc:
+                stats["first"].errors.append(str(exc)[:300])
+                self.fail("metadata", exc, als)
+            finally:
+                if als is not None:
+                    with contextlib.suppress(Exception):
+                        als.cleanup()
+            drop_caches()
+            t, n_local = timed(lambda: count_find(local))
+            stats["local_first"].add(t)
+            t, _ = timed(lambda: count_find(local))
+            stats["local_second"].add(t)
+        sec.update(stats)
+        sec["entries"] = entries
+        sec["local_entries"] = n_local
+
+    # ---- 5+6: restart and memory ----
+
+    def restart_memory(self, n_layers: int = 50) -> None:
+        sec: dict[str, Any] = {"layers": n_layers}
+        self.sections["restart"] = sec
+        assert self.registry is not None and self.proxy is not None
+        blobs: list[wl.EsgzBlob] = []
+        files = self.args.files_per_layer
+        for i in range(n_layers):
+            tar = wl.small_files_tar(self.cache, i, files)
+            blobs.append(wl.estargz_blob(self.cache, tar.stem, tar, ()))
+        layers = [reg.BlobRef.from_file(b.path, reg.LAYER_GZIP, digest=b.digest,
+                                        annotations=b.annotations()) for b in blobs]  # fmt: skip
+        reg.push_image(self.registry.address, "bench/many", "esgz", layers,
+                       [b.diff_id for b in blobs], ["true"])  # fmt: skip
+        ref = self.ref("many", "esgz")
+        sec["toc_entries"] = n_layers * (files + 1)
+        stats = {n: Stat() for n in ("first_lookup", "all_lookups", "mount")}
+        bytes_restart = Stat()
+        rss_idle = Stat()
+        rss_loaded = Stat()
+        rss_restarted = Stat()
+        for _ in range(max(1, min(self.args.reps, 3))):
+            d = self.fresh_dir("s")
+            als = None
+            try:
+                als = self.alsd(d)
+                time.sleep(0.5)  # let start-up allocations settle before the baseline
+                rss_idle.add(rss_bytes(als.proc.pid))
+                for b in blobs:
+                    diff = als.layer_dir(ref, b.digest) / "diff"
+                    os.listdir(diff)
+                rss_loaded.add(rss_bytes(als.proc.pid))
+                als.stop()
+                self.proxy.reset()
+                t0 = time.monotonic()
+                als = self.alsd(d, wait=False)
+                first = als.layer_dir(ref, blobs[0].digest) / "diff"
+                t_mount = None
+                deadline = t0 + 60
+                while True:
+                    if t_mount is None and os.path.ismount(als.mountpoint):
+                        t_mount = time.monotonic() - t0
+                    if t_mount is not None:
+                        with contextlib.suppress(OSError):
+                            os.stat(first)
+                            break
+                    if als.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"restarted alsd did not answer: {als.log_tail(800)}")
+                    time.sleep(0.005)
+                t_first = time.monotonic() - t0
+                for b in blobs:
+                    os.stat(als.layer_dir(ref, b.digest) / "diff")
+                t_all = time.monotonic() - t0
+                stats["mount"].add(t_mount or float("nan"))
+                stats["first_lookup"].add(t_first)
+                stats["all_lookups"].add(t_all)
+                bytes_restart.add(self.proxy.stats()["down_bytes"])
+                for b in blobs:
+                    os.listdir(als.layer_dir(ref, b.digest) / "diff")
+                rss_restarted.add(rss_bytes(als.proc.pid))
+            except Exception as exc:
+                stats["first_lookup"].errors.append(str(exc)[:300])
+                self.fail("restart", exc, als)
+            finally:
+                if als is not None:
+                    with contextlib.suppress(Exception):
+                        als.cleanup()
+                shutil.rmtree(d, ignore_errors=True)
+        sec.update(stats)
+        sec["bytes"] = bytes_restart
+        sec["rss_idle"] = rss_idle
+        sec["rss_loaded"] = rss_loaded
+        sec["rss_restarted"] = rss_restarted
+        try:
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.index_memory", "100000"], cwd=REPO,
+                capture_output=True, text=True, check=True, timeout=600,
+            ).stdout  # fmt: skip
+            sec["index_memory"] = out.strip()
+        except Exception as exc:
+            sec["index_memory"] = f"failed: {exc}"
+
+    def fail(self, what: str, exc: BaseException, als: AlsdProcess | None = None) -> None:
+        msg = f"{what}: {type(exc).__name__}: {str(exc).strip()[:400]}"
+        if als is not None:
+            msg += f"\n    alsd log tail: {als.log_tail(600)!r}"
+        self.failures.append(msg)
+        log(f"FAILED {msg}")
+        if self.args.verbose:
+            traceback.print_exc()
+
+    # ---- driver ----
+
+    def run(self) -> Path:
+        a = self.args
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.podman_version = subprocess.run(["podman", "--version"], capture_output=True,
+                                             text=True).stdout.strip()  # fmt: skip
+        workloads = [wl.WORKLOADS[n] for n in a.workloads]
+        for w in workloads:  # build everything before any timing starts
+            wl.layer_tar(self.cache, w)
+            wl.gzip_blob(self.cache, w)
+        self.registry = reg.Registry(self.work / "registry").start()
+        self.proxy = WanProxy(("127.0.0.1", self.registry.port), rate_mbit=a.rate_mbit,
+                              rtt_ms=a.rtt_ms).start()  # fmt: skip
+        log(f"registry {self.registry.address}, link {self.proxy.address} "
+            f"({a.rate_mbit} Mbit/s, {a.rtt_ms} ms RTT)")  # fmt: skip
+        t_start = time.monotonic()
+        try:
+            for w in workloads:
+                self.push_workload(w)
+            variants = [v for v in VARIANTS if v.key in a.variants]
+            for w in workloads:
+                expect = "hello from python" if w.name == "python" else "det"
+                for rep in range(a.reps):
+                    # Interleave variants per repetition so drift hits all of them alike.
+                    for v in variants:
+                        res = self.cold.setdefault((w.name, v.key), ColdResult())
+                        log(f"cold start {w.name} / {v.key} ({rep + 1}/{a.reps})")
+                        self.cold_start(w, v, res, expect)
+            if "read" in a.sections:
+                log("read throughput")
+                self.read_throughput()
+            if "metadata" in a.sections:
+                log("metadata")
+                self.metadata(workloads[0])
+            if "restart" in a.sections:
+                log("restart and memory")
+                self.restart_memory()
+        finally:
+            self.proxy.stop()
+            self.registry.stop()
+        self.duration = time.monotonic() - t_start
+        from bench.report import write_report
+
+        return write_report(self, a.out)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=3, help="repetitions of each measurement")
+    p.add_argument("--quick", action="store_true", help="1 repetition, python workload only")
+    p.add_argument(
+        "--workloads", default="python,scipy", help=f"comma list of {','.join(wl.WORKLOADS)}"
+    )
+    p.add_argument(
+        "--variants",
+        default=",".join(v.key for v in VARIANTS),
+        help="comma list of cold-start variants",
+    )
+    p.add_argument(
+        "--sections",
+        default="read,metadata,restart",
+        help="comma list of extra sections: read,metadata,restart",
+    )
+    p.add_argument("--rate-mbit", type=float, default=100.0)
+    p.add_argument("--rtt-ms", type=float, default=20.0)
+    p.add_argument("--files-per-layer", type=int, default=2000)
+    p.add_argument("--cache-dir", type=Path, default=wl.DEFAULT_CACHE)
+    p.add_argument("--workdir", type=Path, default=Path("/var/tmp/alsdb"))
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.reps = 1
+        a.workloads = "python"
+    a.workloads = [x for x in a.workloads.split(",") if x]
+    a.variants = [x for x in a.variants.split(",") if x]
+    a.sections = [x for x in a.sections.split(",") if x]
+    return a
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    # Unwind through every finally: alsd mounts, podman stores and the registry are torn down.
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    if os.geteuid() != 0:
+        print("bench/run needs root (FUSE, podman, drop_caches)", file=sys.stderr)
+        return 2
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log("installing matplotlib for the chart")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"], check=False)
+    out = Bench(args).run()
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
