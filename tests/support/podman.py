@@ -17,7 +17,8 @@ Generations (spec.md §1.2, §1.11):
 (podman < 5.1: layer directories named by the compressed blob digest) or
 ``"toc-digest"`` (podman >= 5.1: named by the TOC digest).
 
-Fixtures (import them into a test module, or list this module in ``pytest_plugins``):
+Fixtures (``pytest_plugins = ["tests.support.podman"]`` in the test module; importing the
+fixture names instead trips ruff's F811 at every use):
 
 ``podman_env``
     A factory. ``podman_env(generation="host", als_mount=None, *, registries=(),
@@ -36,6 +37,18 @@ Fixtures (import them into a test module, or list this module in ``pytest_plugin
     ``/proc``, ``/sys`` and ``/dev`` rbind-mounted). Several pytest sessions may share
     one chroot: the bind mounts are made by whoever comes first and removed by whoever
     leaves last (an flock on ``DIR.lock`` counts the users).
+
+A :class:`PodmanEnv` has ``.run(*args, check=True, timeout=300, input=None, env=None)
+-> CompletedProcess[str]`` (stdout/stderr captured; with ``check`` a non-zero exit raises
+AssertionError carrying podman's stderr), ``.version`` ("4.3.1"), ``.version_tuple``,
+``.protocol``, ``.generation``, ``.graphroot`` / ``.runroot`` / ``.auth_file`` (host
+paths; write credentials for podman into ``auth_file``), ``.env`` (the environment podman
+runs with) and ``.command(*args)`` (the argv, for a Popen of your own).
+
+The private directories live directly under /tmp (or the chroot's /tmp), not under
+pytest's ``tmp_path``: with a runroot about 70 characters long, podman 4.3.1 waits 20 s
+for every container to exit (the attach socket path no longer fits a unix socket
+address). Keep that in mind for any store of your own.
 
 Paths: ``PodmanEnv.podman_path(host_path)`` maps a host path to what podman sees (the
 identity for ``"host"``), ``PodmanEnv.host_path(path)`` maps back (for example the
