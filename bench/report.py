@@ -226,7 +226,8 @@ def write_report(b: Bench, out_dir: Path) -> Path:
             f"({_mb(rd['blob_size'])} blob), read sequentially with 1 MiB reads.", "",
             "| read | throughput | vs local |", "|---|---|---|",
             f"| cold, from the registry over the link | {S['cold'].fmt('MB/s', 1e6, 1)} | "
-            f"{_ratio(S['cold'].median, S['local_disk'].median)} (of local disk) |",
+            f"{_ratio(S['cold'].median, S['local_disk'].median)} (of local disk); "
+            f"{_ratio(S['cold'].median, a.rate_mbit * 1e6 / 8)} of the link rate |",
             f"| again, from the chunk store (page cache dropped) | "
             f"{S['chunkstore'].fmt('MB/s', 1e6, 1)} | "
             f"{_ratio(S['chunkstore'].median, S['local_disk'].median)} (of local disk) |",
@@ -270,6 +271,7 @@ def write_report(b: Bench, out_dir: Path) -> Path:
             f"{rs['first_lookup'].fmt(digits=3)} |",
             f"| process start → all {rs['layers']} answered | {rs['all_lookups'].fmt(digits=3)} |",
             f"| bytes fetched from the registry meanwhile | {rs['bytes'].fmt('B', 1, 0)} |",
+            f"| connections to the registry meanwhile | {rs['connections'].fmt('', 1, 0)} |",
             f"| alsd RSS, idle after start | {rs['rss_idle'].fmt('MB', 1e6, 1)} |",
             f"| alsd RSS, {rs['layers']} layers loaded | {rs['rss_loaded'].fmt('MB', 1e6, 1)} |",
             f"| alsd RSS after restart, layers listed | {rs['rss_restarted'].fmt('MB', 1e6, 1)} |",
@@ -278,6 +280,21 @@ def write_report(b: Bench, out_dir: Path) -> Path:
             "`python -m bench.index_memory 100000` (a parsed LayerIndex alone):", "",
             "```", str(rs.get("index_memory", "")).strip(), "```", "",
         ]  # fmt: skip
+    L += [
+        "## Notes",
+        "",
+        "- podman's partial pull of zstd:chunked works on this podman (its debug log says "
+        '"Retrieved partial blob"), but it fetches every chunk that local storage does not '
+        "already hold: into an empty store that is the whole layer. It saves bytes only when "
+        "other images already share files, which a cold start does not have.",
+        "- alsd runs with its defaults, including the background fetch of whole layers after "
+        "the on-demand reads; bytes are counted until the container exits, so the alsd "
+        "figures include what the background fetch got meanwhile.",
+        "- The traced file list comes from `strace -f -e trace=open,openat,execve` of the "
+        "image's CMD in a chroot of its rootfs (successful opens, plus symlinks on the way and "
+        "the ELF interpreter).",
+        "",
+    ]
     L += ["## Targets (issue 7)", ""] + (_targets(b) or ["- no figures to compare"]) + [""]
     if b.failures:
         L += ["## Failures", ""] + [f"- {f}" for f in b.failures] + [""]

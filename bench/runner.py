@@ -452,6 +452,7 @@ class Bench:
         sec["toc_entries"] = n_layers * (files + 1)
         stats = {n: Stat() for n in ("first_lookup", "all_lookups", "mount")}
         bytes_restart = Stat()
+        conns_restart = Stat()
         rss_idle = Stat()
         rss_loaded = Stat()
         rss_restarted = Stat()
@@ -491,6 +492,7 @@ class Bench:
                 stats["first_lookup"].add(t_first)
                 stats["all_lookups"].add(t_all)
                 bytes_restart.add(self.proxy.stats()["down_bytes"])
+                conns_restart.add(self.proxy.stats()["connections"])
                 for b in blobs:
                     os.listdir(als.layer_dir(ref, b.digest) / "diff")
                 rss_restarted.add(rss_bytes(als.proc.pid))
@@ -504,6 +506,7 @@ class Bench:
                 shutil.rmtree(d, ignore_errors=True)
         sec.update(stats)
         sec["bytes"] = bytes_restart
+        sec["connections"] = conns_restart
         sec["rss_idle"] = rss_idle
         sec["rss_loaded"] = rss_loaded
         sec["rss_restarted"] = rss_restarted
