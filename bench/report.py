@@ -158,9 +158,9 @@ def _chart(b: Bench, path: Path) -> bool:
         x = range(len(labels))
         ax.bar(x, pulls, label="podman pull", color="#4c72b0")
         ax.bar(x, runs, bottom=pulls, label="podman run (to exit)", color="#dd8452")
-        for i, (p, r) in enumerate(zip(pulls, runs, strict=True)):
-            ax.text(i, p + r, f"{p + r:.1f}s" if p + r else "failed", ha="center", va="bottom",
-                    fontsize=8)  # fmt: skip
+        for i, (tp, tr) in enumerate(zip(pulls, runs, strict=True)):
+            ax.text(i, tp + tr, f"{tp + tr:.1f}s" if tp + tr else "failed", ha="center",
+                    va="bottom", fontsize=8)  # fmt: skip
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_ylabel("seconds (median)")
@@ -187,6 +187,8 @@ def write_report(b: Bench, out_dir: Path) -> Path:
         f"- Link: userspace proxy (bench/wanproxy.py) in front of a loopback docker-registry, "
         f"{a.rate_mbit:g} Mbit/s token bucket per direction, {a.rtt_ms:g} ms added RTT "
         f"(+1 RTT per new connection)",
+        "- alsd settings: defaults"
+        + "".join(f", {k} = {v}" for k, v in getattr(a, "alsd_settings", {}).items()),
         f"- {a.reps} repetition(s) per figure: median (min–max). Run took "
         f"{getattr(b, 'duration', 0) / 60:.1f} min. Cold = image absent, fresh podman store, "
         "fresh alsd state, page cache dropped.",

@@ -204,7 +204,8 @@ class Bench:
                 'unqualified-search-registries = []\n\n[[registry]]\nlocation = "127.0.0.1"\n'
                 "insecure = true\n"
             )
-        return start_alsd(d, registries_conf=conf, settings=ALSD_SETTINGS, **kw)
+        settings = {**ALSD_SETTINGS, **self.args.alsd_settings}
+        return start_alsd(d, registries_conf=conf, settings=settings, **kw)
 
     @property
     def link(self) -> str:
@@ -296,10 +297,10 @@ class Bench:
             env = self.podman(d / "p", als.mountpoint if als else None, v.partial)
             drop_caches()
             self.proxy.reset()
-            t_pull, _ = timed(lambda: env.run("pull", "-q", ref, timeout=1200))  # type: ignore[union-attr]
+            t_pull, _ = timed(lambda: env.run("pull", "-q", ref, timeout=1200))
             b_pull = self.proxy.stats()["down_bytes"]
             self.proxy.reset()
-            t_run, out = timed(lambda: env.run("run", "--rm", ref, timeout=1200))  # type: ignore[union-attr]
+            t_run, out = timed(lambda: env.run("run", "--rm", ref, timeout=1200))
             b_run = self.proxy.stats()["down_bytes"]
             if expect not in out.stdout:
                 raise RuntimeError(f"unexpected output {out.stdout[-200:]!r}")
@@ -308,7 +309,7 @@ class Bench:
                 if not self._als_used(env):
                     raise RuntimeError("podman did not use the additional layer store")
                 res.rss.add(rss_bytes(als.proc.pid))
-            t_warm, _ = timed(lambda: env.run("run", "--rm", ref, timeout=600))  # type: ignore[union-attr]
+            t_warm, _ = timed(lambda: env.run("run", "--rm", ref, timeout=600))
             res.pull.add(t_pull)
             res.run.add(t_run)
             res.total.add(t_pull + t_run)
@@ -350,8 +351,8 @@ class Bench:
         local_dir = self.work / "local-bigfile"
         shutil.rmtree(local_dir, ignore_errors=True)
         local_dir.mkdir()
-        with tarfile.open(tar) as t:
-            t.extractall(local_dir)
+        with tarfile.open(tar) as tf:
+            tf.extractall(local_dir)
         local = local_dir / "big.bin"
         size = local.stat().st_size
         sec["size"] = size
@@ -599,6 +600,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=wl.DEFAULT_CACHE)
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/alsdb"))
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument(
+        "--alsd-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an alsd.toml setting (dotted key; value parsed as JSON, else a string), "
+        "e.g. prefetch.background=false",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
@@ -607,6 +616,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a.workloads = [x for x in a.workloads.split(",") if x]
     a.variants = [x for x in a.variants.split(",") if x]
     a.sections = [x for x in a.sections.split(",") if x]
+    a.alsd_settings = {}
+    for item in a.alsd_setting:
+        key, _, value = item.partition("=")
+        try:
+            a.alsd_settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            a.alsd_settings[key] = value
     return a
 
 

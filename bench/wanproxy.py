@@ -181,7 +181,7 @@ class WanProxy:
     async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         self._stats.connections += 1
         loop = asyncio.get_running_loop()
         accepted = loop.time()
@@ -189,7 +189,7 @@ class WanProxy:
             u_reader, u_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
             c_writer.close()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
             return
         one_way = self.rtt_ms / 2000
         not_before = accepted + (self.rtt_ms / 1000 if self.handshake_rtt else 0.0)
@@ -207,7 +207,7 @@ class WanProxy:
                 t.cancel()
             for w in (c_writer, u_writer):
                 w.close()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
     async def _pump(
         self,
