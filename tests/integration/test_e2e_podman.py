@@ -583,7 +583,7 @@ def test_killing_alsd_mid_pull_never_hangs_and_a_restart_recovers(
     ref = s.ref(pushed["esgz"])
     s.proxy.hold_blobs()  # the TOC fetch alsd makes while podman waits in a lookup
     pull = subprocess.Popen(
-        s.penv.command("--log-level=warn", "pull", ref),
+        s.penv.command("--log-level=debug", "pull", ref),
         env=s.penv.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -603,12 +603,16 @@ def test_killing_alsd_mid_pull_never_hangs_and_a_restart_recovers(
         if pull.poll() is None:
             pull.kill()
             pull.wait()
-    print(f"pull after SIGKILL: exit {pull.returncode}\n{err}")
+    print(f"pull after SIGKILL: exit {pull.returncode}")
     if pull.returncode == 0:
         # Fell back: the lookup failed (ENOTCONN), which containers/storage treats as "not
-        # in this store", so podman pulled the layers itself (silently) and the image works.
+        # in this store", so podman pulled the layers itself and the image works.
         assert not als_links(s.penv)
         assert s.penv.run("run", "--rm", ref).stdout.strip() == EXPECTED
+        if s.penv.protocol == "toc-digest":
+            # c/storage >= 1.54 says why at debug level; 1.43 (podman 4.3) says nothing.
+            lines = [ln for ln in err.splitlines() if "failed to stat additional layer" in ln]
+            assert lines and all("transport endpoint is not connected" in ln for ln in lines), err
     else:
         assert err.strip(), "the failed pull said nothing"
         assert re.search(
