@@ -476,7 +476,7 @@ class _Node:
 
 
 def _int(e: Mapping[str, Any], key: str, name: str) -> int:
-    v = e.get(key, 0)
+    v: object = e.get(key, 0)
     if v is None:
         return 0
     if isinstance(v, bool) or not isinstance(v, int):
