@@ -668,9 +668,7 @@ class RegistryClient:
             else:
                 # Never hand the registry's credentials to a redirect target (spec.md §5.4).
                 h.pop("Authorization", None)
-            timeout = aiohttp.ClientTimeout(
-                total=min(s.request_timeout_s, remaining), sock_connect=s.connect_timeout_s
-            )
+            timeout = self._timeout(remaining)
             err: Transient
             try:
                 async with self._host(where).sem:
@@ -738,10 +736,7 @@ class RegistryClient:
                 raise Transient(
                     f"{err} (gave up after {s.max_retries} retries)", retry_after=err.retry_after
                 )
-            delay = min(s.backoff_max_s, s.backoff_min_s * 2 ** (att.retries - 1))
-            delay *= random.uniform(1.0, 1.5)  # jitter: spread the herd of parallel readers
-            if err.retry_after is not None:
-                delay = max(delay, err.retry_after)
+            delay = self._backoff_delay(att, err)
             if loop.time() + delay > att.deadline:
                 raise Transient(
                     f"{err} (no retry: waiting {delay:.1f}s would pass the deadline)",
@@ -749,6 +744,23 @@ class RegistryClient:
                 )
             log.debug("retrying in %.2fs: %s", delay, err)
             await asyncio.sleep(delay)
+
+    def _timeout(self, remaining: float) -> aiohttp.ClientTimeout:
+        """The timeout of one request: ``request_timeout_s``, cut short by the deadline."""
+        s = self.settings
+        return aiohttp.ClientTimeout(
+            total=min(s.request_timeout_s, remaining), sock_connect=s.connect_timeout_s
+        )
+
+    def _backoff_delay(self, att: _Attempt, err: Transient) -> float:
+        """The wait before retry number ``att.retries`` (already counted): exponential,
+        jittered, and never shorter than the server's ``Retry-After``."""
+        s = self.settings
+        delay: float = min(s.backoff_max_s, s.backoff_min_s * 2 ** (att.retries - 1))
+        delay *= random.uniform(1.0, 1.5)  # jitter: spread the herd of parallel readers
+        if err.retry_after is not None:
+            delay = max(delay, err.retry_after)
+        return delay
 
     async def _read_body(
         self,
@@ -970,9 +982,7 @@ class RegistryClient:
             remaining = att.deadline - loop.time()
             if remaining <= 0:
                 raise Transient(f"{ref}: token server {ep.host}: deadline exceeded")
-            timeout = aiohttp.ClientTimeout(
-                total=min(s.request_timeout_s, remaining), sock_connect=s.connect_timeout_s
-            )
+            timeout = self._timeout(remaining)
             try:
                 if counter is not None:
                     counter.add_request()
@@ -1000,8 +1010,7 @@ class RegistryClient:
             att.retries += 1
             if att.retries > s.max_retries:
                 raise err
-            delay = min(s.backoff_max_s, s.backoff_min_s * 2 ** (att.retries - 1))
-            delay = max(delay * random.uniform(1.0, 1.5), err.retry_after or 0.0)
+            delay = self._backoff_delay(att, err)
             if loop.time() + delay > att.deadline:
                 raise err
             await asyncio.sleep(delay)
