@@ -31,6 +31,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NoReturn
 from urllib.parse import quote
 
 import aiohttp
@@ -100,9 +101,12 @@ class Pusher:
         scopes += [repository_scope(r) for r in pull_from if r != ep.repository]
         return scopes
 
-    @staticmethod
-    def _url(ep: Endpoint, kind: str, obj: str) -> str:
-        return f"{ep.base_url}/v2/{ep.repository}/{kind}/{obj}"
+    async def _fail(
+        self, resp: aiohttp.ClientResponse, ref: Reference, ep: Endpoint, what: str
+    ) -> NoReturn:
+        """Raise the client's error for an answer a handler does not accept."""
+        await self.client.raise_for_status(resp, ref, ep, what, self.counter)
+        raise AssertionError("raise_for_status returned")
 
     @staticmethod
     def _location(resp: aiohttp.ClientResponse, what: str, ref: Reference) -> str:
@@ -136,7 +140,7 @@ class Pusher:
 
         async def handler(resp: aiohttp.ClientResponse) -> PulledManifest:
             if resp.status != 200:
-                await self.client.raise_for_status(resp, ref, ep, what, self.counter)
+                await self._fail(resp, ref, ep, what)
             buf = bytearray()
             async for chunk in resp.content.iter_any():
                 if self.counter is not None:
@@ -158,7 +162,7 @@ class Pusher:
             ep,
             ref,
             "GET",
-            self._url(ep, "manifests", target),
+            ep.url("manifests", target),
             handler,
             headers={"Accept": ACCEPT_MANIFESTS},
             counter=self.counter,
@@ -178,14 +182,13 @@ class Pusher:
                 return True
             if resp.status == 404:
                 return False
-            await self.client.raise_for_status(resp, ref, ep, f"blob {digest}", self.counter)
-            raise AssertionError("raise_for_status returned")
+            await self._fail(resp, ref, ep, f"blob {digest}")
 
         return await self.client.request(
             ep,
             ref,
             "HEAD",
-            self._url(ep, "blobs", digest),
+            ep.url("blobs", digest),
             handler,
             scopes=self._scopes(ep),
             counter=self.counter,
@@ -234,8 +237,8 @@ class Pusher:
         if repo == ep.repository:
             return False, None
         url = (
-            f"{ep.base_url}/v2/{ep.repository}/blobs/uploads/"
-            f"?mount={quote(digest, safe=':')}&from={quote(repo, safe='/')}"
+            ep.url("blobs", "uploads/")
+            + f"?mount={quote(digest, safe=':')}&from={quote(repo, safe='/')}"
         )
         what = f"mount of blob {digest} from {repo}"
 
@@ -244,8 +247,7 @@ class Pusher:
                 return True, None
             if resp.status == 202:
                 return False, self._location(resp, what, ref)
-            await self.client.raise_for_status(resp, ref, ep, what, self.counter)
-            raise AssertionError("raise_for_status returned")
+            await self._fail(resp, ref, ep, what)
 
         return await self.client.request(
             ep,
@@ -265,14 +267,13 @@ class Pusher:
         async def handler(resp: aiohttp.ClientResponse) -> str:
             if resp.status == 202:
                 return self._location(resp, what, ref)
-            await self.client.raise_for_status(resp, ref, ep, what, self.counter)
-            raise AssertionError("raise_for_status returned")
+            await self._fail(resp, ref, ep, what)
 
         return await self.client.request(
             ep,
             ref,
             "POST",
-            f"{ep.base_url}/v2/{ep.repository}/blobs/uploads/",
+            ep.url("blobs", "uploads/"),
             handler,
             data=b"",
             scopes=self._scopes(ep),
@@ -287,7 +288,7 @@ class Pusher:
         async def handler(resp: aiohttp.ClientResponse) -> None:
             if resp.status in (201, 204):
                 return
-            await self.client.raise_for_status(resp, ref, ep, what, self.counter)
+            await self._fail(resp, ref, ep, what)
 
         try:
             await self.client.request(
@@ -343,8 +344,7 @@ class Pusher:
                 return self._location(resp, what, ref)
             if resp.status == 416:
                 raise _Resume
-            await self.client.raise_for_status(resp, ref, ep, what, self.counter)
-            raise AssertionError("raise_for_status returned")
+            await self._fail(resp, ref, ep, what)
 
         return await self.client.request(
             ep,
@@ -376,8 +376,7 @@ class Pusher:
                     raise RegistryError(f"{ref}: {what} on {ep.host}: bad Range {rng!r}") from None
                 loc = self._location(resp, what, ref) if "Location" in resp.headers else location
                 return loc, nxt
-            await self.client.raise_for_status(resp, ref, ep, what, self.counter)
-            raise AssertionError("raise_for_status returned")
+            await self._fail(resp, ref, ep, what)
 
         return await self.client.request(
             ep, ref, "GET", location, handler, scopes=self._scopes(ep), counter=self.counter
@@ -405,13 +404,13 @@ class Pusher:
                         f"{ref}: {ep.host} stored {what} as {header}, pushed {digest}"
                     )
                 return
-            await self.client.raise_for_status(resp, ref, ep, what, self.counter)
+            await self._fail(resp, ref, ep, what)
 
         await self.client.request(
             ep,
             ref,
             "PUT",
-            self._url(ep, "manifests", target),
+            ep.url("manifests", target),
             handler,
             headers={"Content-Type": media_type},
             data=body,

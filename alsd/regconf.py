@@ -60,6 +60,10 @@ class Endpoint:
     def base_url(self) -> str:
         return f"{self.scheme}://{self.host}"
 
+    def url(self, kind: str, obj: str) -> str:
+        """``/v2/<repository>/<kind>/<obj>`` here (kind: ``manifests`` or ``blobs``)."""
+        return f"{self.base_url}/v2/{self.repository}/{kind}/{obj}"
+
 
 @dataclass(frozen=True, slots=True)
 class RegistriesConf:

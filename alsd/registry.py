@@ -411,9 +411,6 @@ class RegistryClient:
 
     # ------------------------------------------------------------ operations at one endpoint
 
-    def _url(self, ep: Endpoint, kind: str, obj: str) -> str:
-        return f"{ep.base_url}/v2/{ep.repository}/{kind}/{obj}"
-
     async def _get_manifest(
         self, ep: Endpoint, ref: Reference, obj: str, counter: ByteCounter | None, att: _Attempt
     ) -> tuple[bytes, str | None, str | None]:
@@ -429,7 +426,7 @@ class RegistryClient:
             ep,
             ref,
             "GET",
-            self._url(ep, "manifests", obj),
+            ep.url("manifests", obj),
             {"Accept": ACCEPT_MANIFESTS},
             handler,
             counter,
@@ -497,7 +494,7 @@ class RegistryClient:
             ep,
             ref,
             "GET",
-            self._url(ep, "blobs", digest),
+            ep.url("blobs", digest),
             {},
             handler,
             counter,
@@ -510,7 +507,7 @@ class RegistryClient:
     async def _blob_size_at(
         self, ep: Endpoint, ref: Reference, digest: str, counter: ByteCounter | None, att: _Attempt
     ) -> int:
-        url = self._url(ep, "blobs", digest)
+        url = ep.url("blobs", digest)
 
         async def head(resp: aiohttp.ClientResponse) -> int | None:
             await self._drain(resp, counter)
@@ -607,7 +604,7 @@ class RegistryClient:
                 ep,
                 ref,
                 "GET",
-                self._url(ep, "blobs", digest),
+                ep.url("blobs", digest),
                 {"Range": range_header(group), "Accept-Encoding": "identity"},
                 handler,
                 counter,
