@@ -54,6 +54,7 @@ from alsd.oci.manifest import (
     parse_config,
     parse_manifest,
 )
+from alsd.oci.ranges import bodies_fit
 from alsd.oci.reference import Reference, parse_reference
 from alsd.registry import ByteCounter
 from alsd.scheduler import Priority, Scheduler
@@ -530,9 +531,7 @@ class Engine:
         bodies = await self._registry.read_ranges(
             reference, digest, ranges, counter=self.registry_counter
         )
-        if len(bodies) != len(ranges) or any(
-            len(b) != e - s for b, (s, e) in zip(bodies, ranges, strict=False)
-        ):
+        if not bodies_fit(bodies, ranges):
             raise RegistryError(f"{reference} {digest}: short range read for {list(ranges)}")
         self.stats.resolve_bytes += sum(len(b) for b in bodies)
         return bodies

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from alsd.errors import AlsdError, IntegrityError, RegistryError
 from alsd.oci import formats
 from alsd.oci.layer_index import Chunk, LayerFormat
+from alsd.oci.ranges import bodies_fit
 from alsd.scheduler import Priority, Scheduler
 
 log = logging.getLogger(__name__)
@@ -348,9 +349,7 @@ class Fetcher:
                     self.stats.observe(time.monotonic() - t0)
                     self.stats.requests += 1
                     source.stats.requests += 1
-            if len(bodies) != len(ranges) or any(
-                len(b) != e - s for b, (s, e) in zip(bodies, ranges, strict=False)
-            ):
+            if not bodies_fit(bodies, ranges):
                 raise RegistryError(
                     f"{source.name}: registry returned {[len(b) for b in bodies]} bytes "
                     f"for ranges {ranges}"

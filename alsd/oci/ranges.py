@@ -148,3 +148,10 @@ def slice_ranges(
         else:
             raise RegistryError(f"registry answer does not cover bytes {start}-{end - 1}")
     return out
+
+
+def bodies_fit(bodies: Sequence[bytes], ranges: Sequence[tuple[int, int]]) -> bool:
+    """Whether ``bodies`` are exactly one body of the right length per range."""
+    return len(bodies) == len(ranges) and all(
+        len(b) == e - s for b, (s, e) in zip(bodies, ranges, strict=False)
+    )
