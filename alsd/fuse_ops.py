@@ -298,8 +298,9 @@ class Operations(pyfuse3.Operations):
             data = await self.engine.read_blob(layer, off, end - off)
             self.stats.bytes_read["blob"] += len(data)
             return data
-        file_size = self.tree.attr(fh).size
-        end = min(off + size, file_size)
+        # open() admits only regular files here, whose size is the index's: no second
+        # tree.resolve/attr per read.
+        end = min(off + size, layer.index.attr(t.node).size)
         if off >= end:
             return b""
         data = await self.engine.read(layer, t.node, off, end - off)
