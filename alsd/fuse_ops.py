@@ -30,7 +30,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -143,6 +143,13 @@ class Operations(pyfuse3.Operations):
         e.st_mtime_ns = a.mtime_ns
         e.st_ctime_ns = a.mtime_ns
         return e
+
+    def _xattrs(self, ino: int) -> Mapping[str, bytes]:
+        """A layer node's xattrs (overlay opaque markers); the store's own inodes have none."""
+        t = self.tree.resolve(ino)
+        if t.kind is Kind.DIFF and t.layer is not None:
+            return t.layer.index.xattrs(t.node)
+        return {}
 
     async def _layer(self, ref: str, digest: str) -> LayerLike:
         try:
@@ -328,11 +335,9 @@ class Operations(pyfuse3.Operations):
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> bytes:
-        t = self.tree.resolve(inode)
-        if t.kind is Kind.DIFF and t.layer is not None:
-            value = t.layer.index.xattrs(t.node).get(os.fsdecode(name))
-            if value is not None:
-                return value
+        value = self._xattrs(inode).get(os.fsdecode(name))
+        if value is not None:
+            return value
         # ENODATA, never ENOSYS: ENOSYS disables xattrs for the whole mount, and overlayfs
         # then misses opaque directories (spec.md §1.8).
         raise FUSEError(pyfuse3.ENOATTR)
@@ -341,10 +346,7 @@ class Operations(pyfuse3.Operations):
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> Sequence[bytes]:
-        t = self.tree.resolve(inode)
-        if t.kind is Kind.DIFF and t.layer is not None:
-            return [os.fsencode(k) for k in t.layer.index.xattrs(t.node)]
-        return []
+        return [os.fsencode(k) for k in self._xattrs(inode)]
 
     @_handler
     async def setxattr(
