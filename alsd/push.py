@@ -106,7 +106,6 @@ class Pusher:
     ) -> NoReturn:
         """Raise the client's error for an answer a handler does not accept."""
         await self.client.raise_for_status(resp, ref, ep, what, self.counter)
-        raise AssertionError("raise_for_status returned")
 
     @staticmethod
     def _location(resp: aiohttp.ClientResponse, what: str, ref: Reference) -> str:

@@ -33,7 +33,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -370,7 +370,7 @@ class RegistryClient:
         ep: Endpoint,
         what: str,
         counter: ByteCounter | None = None,
-    ) -> None:
+    ) -> NoReturn:
         """Raise NotFound / Unauthorized / RegistryError for ``resp`` (with the registry's
         error detail); the public face of the mapping every request of this client uses."""
         await self._raise_status(resp, ref, ep, what, counter)
@@ -533,7 +533,6 @@ class RegistryClient:
                 resp.close()
                 return resp.content_length
             await self._raise_status(resp, ref, ep, f"blob {digest}", counter)
-            raise AssertionError
 
         return await self._call(
             ep, ref, "GET", url, {"Range": "bytes=0-1"}, get01, counter, att, redirect_key=digest
@@ -597,7 +596,6 @@ class RegistryClient:
                 await self._drain(resp, counter)
                 raise _SwitchToSingleRange
             await self._raise_status(resp, ref, ep, what, counter)
-            raise AssertionError
 
         try:
             return await self._call(
@@ -797,7 +795,7 @@ class RegistryClient:
         ep: Endpoint,
         what: str,
         counter: ByteCounter | None,
-    ) -> None:
+    ) -> NoReturn:
         body = b""
         with contextlib.suppress(AlsdError, aiohttp.ClientError, TimeoutError):
             body = await self._read_body(resp, counter, 64 << 10, ref, ep)
