@@ -174,7 +174,7 @@ def sd_notify(state: str) -> None:
 
 
 def prepare_mountpoint(path: str) -> None:
-    """Make ``path`` a directory we can mount on; clear a dead mount left by a crash.
+    """Make ``path`` an empty directory we can mount on; clear a dead mount left by a crash.
 
     A FUSE mount whose daemon died answers ENOTCONN, but ``stat`` of its root may still
     succeed from the kernel's attribute cache, so a FUSE mount found here is probed with
@@ -206,6 +206,10 @@ def prepare_mountpoint(path: str) -> None:
         os.stat(path)  # still broken: let the OSError say so
     if not os.path.isdir(path):
         raise RuntimeError(f"{path}: not a directory")
+    if os.listdir(path):
+        # Mounting would hide what is there (a mistyped path such as podman's own
+        # storage or alsd's state dir) and everything written there afterwards.
+        raise RuntimeError(f"{path}: not empty; refusing to mount over its files")
 
 
 def _lazy_unmount(path: str) -> None:

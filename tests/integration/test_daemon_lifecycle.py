@@ -184,3 +184,21 @@ def test_unknown_size_fallback_lets_podman_pull(
         p.stop()
     finally:
         p.cleanup()
+
+
+@pytest.mark.fuse
+def test_non_empty_mountpoint_is_refused(tmp_path: Path) -> None:
+    """Mounting over a directory with files in it would hide them (a mistyped mountpoint
+    such as podman's own storage, or the state dir): refuse with a message naming it."""
+    mnt = tmp_path / "store"
+    mnt.mkdir()
+    (mnt / "precious").write_text("x")
+    p = start_alsd(tmp_path / "w", mountpoint=mnt, wait=False)
+    try:
+        rc = p.wait_exit()
+        assert rc == 1
+        assert not os.path.ismount(mnt)
+        assert f"{mnt}: not empty" in p.log()
+        assert (mnt / "precious").read_text() == "x"
+    finally:
+        p.cleanup()
