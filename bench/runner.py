@@ -122,7 +122,17 @@ class Stat:
         if len(self.values) == 1:
             return f"{m:.{digits}f} {unit}".strip()
         lo, hi = min(self.values) / scale, max(self.values) / scale
-        return f"{m:.{digits}f} {unit} ({lo:.{digits}f}–{hi:.{digits}f})".replace(" (", " (", 1)
+        return f"{m:.{digits}f} {unit}".strip() + f" ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The telling line of a failure: podman's "Error:" or a Go panic, else the last lines."""
+    lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+    for marker in ("panic:", "Error:", "error:"):
+        for x in lines:
+            if marker in x:
+                return x[x.index(marker) :][:300]
+    return " ".join(lines[-3:])[:300] or type(exc).__name__
 
 
 def mb(n: float) -> str:
@@ -320,12 +330,12 @@ class Bench:
             log(f"  {w.name} {v.key}: pull {t_pull:.2f}s run {t_run:.2f}s warm {t_warm:.2f}s "
                 f"{mb(b_pull + b_run)}")  # fmt: skip
         except Exception as exc:
-            msg = str(exc).strip().splitlines()
-            tail = als.log_tail(1500) if als is not None else ""
-            res.pull.errors.append(" ".join(msg[-3:])[:300])
-            log(f"  {w.name} {v.key}: FAILED {' '.join(msg[-3:])[:300]}")
-            if tail:
-                (self.work / f"failed-{w.name}-{v.key}.log").write_text(tail)
+            reason = failure_reason(exc)
+            res.pull.errors.append(reason)
+            self.failures.append(f"cold start {w.name} / {v.label}: {reason}")
+            log(f"  {w.name} {v.key}: FAILED {reason}")
+            if als is not None:
+                (self.work / f"failed-{w.name}-{v.key}.log").write_text(als.log_tail(1500))
         finally:
             if env is not None:
                 env.teardown()

@@ -235,13 +235,12 @@ class WanProxy:
                 writer.write(data)
                 await writer.drain()
 
-        sender = asyncio.create_task(deliver())
-        try:
+        async def receive() -> None:
             while True:
                 data = await reader.read(READ_SIZE)
                 if not data:
                     await queue.put((0.0, b""))
-                    break
+                    return
                 now = loop.time()
                 wait = bucket.reserve(len(data), now)
                 if wait > 0:
@@ -251,13 +250,15 @@ class WanProxy:
                 else:
                     self._stats.up_bytes += len(data)
                 await queue.put((max(now + wait + delay, not_before + delay), data))
-            await sender
-        except (OSError, asyncio.IncompleteReadError):
-            sender.cancel()
-            raise
+
+        # Either side failing (a peer reset) ends both: a receiver whose sender died would
+        # otherwise block on a full queue for ever. gather() retrieves every exception.
+        tasks = (asyncio.create_task(receive()), asyncio.create_task(deliver()))
+        try:
+            await asyncio.gather(*tasks)
         finally:
-            if not sender.done():
-                sender.cancel()
+            for t in tasks:
+                t.cancel()
 
 
 def _hostport(s: str) -> tuple[str, int]:
