@@ -309,6 +309,7 @@ def write_report(b: Bench, out_dir: Path) -> Path:
         L += ["## Failures", ""] + [f"- {f}" for f in b.failures] + [""]
     text = "\n".join(L)
     md_path.write_text(text)
+    write_raw(b, md_path.with_suffix(".json"))
     _update_readme(out_dir.parent / "README.md", text, md_path.name)
     return md_path
 
@@ -321,7 +322,42 @@ def _update_readme(readme: Path, text: str, name: str) -> None:
         return
     head, _, rest = body.partition(README_BEGIN)
     _, _, tail = rest.partition(README_END)
-    block = text.replace("](", "](results/").replace("](results/http", "](http")
+    # The headline only: machine and link, the cold/warm start tables, the chart and the
+    # targets; headings one level down so they nest under "Latest results".
+    keep = ("## Cold and warm start", "## Targets")
+    parts = text.split("\n## ")
+    picked = [parts[0].split("\n", 1)[1]] + [
+        "## " + p for p in parts[1:] if any(("## " + p).startswith(k) for k in keep)
+    ]
+    block = "\n".join(picked)
+    block = "\n".join("#" + x if x.startswith("#") else x for x in block.splitlines())
+    block = block.replace("](", "](results/").replace("](results/http", "](http")
     readme.write_text(
-        f"{head}{README_BEGIN}\n\n(from results/{name})\n\n{block}\n{README_END}{tail}"
+        f"{head}{README_BEGIN}\n\nFrom [results/{name}](results/{name}), which also has "
+        f"read throughput, metadata, restart and memory figures.\n{block}\n{README_END}{tail}"
     )
+
+
+def write_raw(b: Bench, path: Path) -> None:
+    """Every sample as JSON, so that a report can be redone or compared later."""
+    import dataclasses
+    import json
+
+    def conv(o: object) -> object:
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            return {k: conv(v) for k, v in dataclasses.asdict(o).items()}
+        if isinstance(o, dict):
+            return {str(k): conv(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [conv(v) for v in o]
+        return o
+
+    doc = {
+        "args": {k: str(v) for k, v in vars(b.args).items()},
+        "podman": b.podman_version,
+        "images": b.images,
+        "cold": {f"{w}/{v}": conv(r) for (w, v), r in b.cold.items()},
+        "sections": conv(b.sections),
+        "failures": b.failures,
+    }
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
