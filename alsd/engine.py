@@ -6,7 +6,11 @@ Sits between the filesystem (tree/fuse_ops) and the registry client. It
   deduplicated per reference), the layer whose blob digest (podman <= 5.0) or TOC digest
   (podman >= 5.1) is asked for, its footer and verified TOC; all layers of an image are
   resolved concurrently as soon as one is asked for (spec.md §2.3); failures are cached
-  for ``negative_cache_ttl_s``; a lookup never waits longer than ``resolve_timeout_s``;
+  for ``negative_cache_ttl_s`` per (reference, digest) and, when the image itself cannot
+  be resolved, per reference (podman 4.3 asks about every layer of a pull in turn: one
+  unreachable registry must cost one resolution, not one per layer); a lookup never waits
+  longer than ``resolve_timeout_s``, and once one lookup of an image timed out, the
+  others answer at once until that resolution ends;
 * serves file reads through the :class:`~alsd.fetcher.Fetcher` (chunk store first, then
   coalesced, verified range reads) and raw blob reads for the ``blob`` file;
 * starts the landmark prefetch and the background fetch of each resolved layer
@@ -253,7 +257,10 @@ class Engine:
         self._image_tasks: dict[str, asyncio.Task[_Image]] = {}
         self._layers: dict[tuple[str, str], Layer] = {}
         self._layer_tasks: dict[tuple[str, str], asyncio.Task[Layer]] = {}
+        # Keys (ref, digest) for layers, (ref, "") for images that could not be resolved.
         self._negative: dict[tuple[str, str], tuple[AlsdError, float]] = {}
+        # References whose resolution outlived a lookup's resolve_timeout_s and still runs.
+        self._slow_images: set[str] = set()
         self._layer_numbers = itertools.count(1)
         self._closed = False
 
@@ -306,6 +313,10 @@ class Engine:
                 layer = await self._get_layer(ref, digest)
         except TimeoutError:
             self.stats.resolve_timeouts += 1
+            if ref in self._image_tasks:
+                # The registry is slow or silent: the next layers of this pull should not
+                # wait resolve_timeout_s each (see _get_image).
+                self._slow_images.add(ref)
             # Not cached: the resolution goes on and a later lookup may find it done.
             raise Transient(
                 f"{ref} {digest}: not resolved within {self.settings.resolve_timeout_s} s"
@@ -365,6 +376,13 @@ class Engine:
         if img is not None and not refresh:
             return img
         task = self._image_tasks.get(ref)
+        if img is None:
+            # A known image is still served while a refresh fails; an unknown one is not
+            # asked for again until its failure expires.
+            self._check_negative((ref, ""))
+            if task is not None and ref in self._slow_images:
+                self.stats.negative_hits += 1
+                raise Transient(f"{ref}: still resolving after a lookup timed out")
         if task is None:
             task = asyncio.get_running_loop().create_task(self._resolve_image(ref))
             self._image_tasks[ref] = task
@@ -372,8 +390,11 @@ class Engine:
             def done(t: asyncio.Task[_Image], ref: str = ref) -> None:
                 if self._image_tasks.get(ref) is t:
                     del self._image_tasks[ref]
+                    self._slow_images.discard(ref)
                 if not t.cancelled():
-                    t.exception()  # retrieved: the awaiting lookups report it
+                    exc = t.exception()  # retrieved: the awaiting lookups report it
+                    if isinstance(exc, AlsdError):
+                        self._remember_failure((ref, ""), exc)
 
             task.add_done_callback(done)
         return await asyncio.shield(task)
