@@ -10,7 +10,6 @@ a socket that listens but never accepts (a firewalled or hung registry).
 from __future__ import annotations
 
 import base64
-import os
 import socket
 import subprocess
 import sys
@@ -41,7 +40,9 @@ def _stat_script(path: Path) -> list[str]:
 
 
 def _stat_errno(path: Path) -> str:
-    r = subprocess.run(_stat_script(path), capture_output=True, text=True, timeout=SYSCALL_TIMEOUT_S)
+    r = subprocess.run(
+        _stat_script(path), capture_output=True, text=True, timeout=SYSCALL_TIMEOUT_S
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 
@@ -75,9 +76,7 @@ def silent_port() -> Iterator[int]:
         s.close()
 
 
-def test_an_unreachable_registry_is_asked_once_per_image(
-    tmp_path: Path, refused_port: int
-) -> None:
+def test_an_unreachable_registry_is_asked_once_per_image(tmp_path: Path, refused_port: int) -> None:
     ref = f"127.0.0.1:{refused_port}/x/y:latest"
     with running_alsd(tmp_path, settings={"fetch.max_retries": 0}) as alsd:
         for n in (1, 2, 3):  # three layers of one pull
