@@ -257,12 +257,16 @@ class Operations(pyfuse3.Operations):
     async def readdir(
         self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
     ) -> None:
-        entries = self.tree.readdir(fh)
+        # "." and ".." first, as every Linux filesystem lists them (FUSE leaves them to
+        # us; overlayfs passes them through for a directory only a lower layer has). The
+        # kernel takes no reference for them in readdirplus, so they are not counted.
+        entries = [(".", int(fh)), ("..", self.tree.parent(fh)), *self.tree.readdir(fh)]
         for i in range(start_id, len(entries)):
             name, ino = entries[i]
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(ino), i + 1):
                 break
-            self.tree.count(ino)  # readdirplus hands the kernel a reference, like lookup
+            if i >= 2:
+                self.tree.count(ino)  # readdirplus hands the kernel a reference, like lookup
 
     @_handler
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:

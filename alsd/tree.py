@@ -392,6 +392,20 @@ class Tree:
             ]
         raise UnknownLayer(f"inode {ino} is not a directory")
 
+    def parent(self, ino: int) -> int:
+        """The inode ``..`` names in a listing of directory ``ino`` (readdir's d_ino only:
+        the kernel resolves ``..`` itself). The root is its own parent; so is a layer's
+        ``diff`` root, whose layer directory depends on the name it was reached by."""
+        t = self.resolve(ino)
+        if t.kind is not Kind.DIFF:
+            return self._meta[ino].parent
+        assert t.layer is not None
+        path = t.layer.index.path(t.node)
+        if not path:
+            return ino
+        node = t.layer.index.find(path.rpartition("/")[0])
+        return ino if node is None else self.diff_inode(t.layer, node)
+
     def layers(self) -> list[LayerLike]:
         return [e.layer for e in self._layers.values()]
 

@@ -443,3 +443,28 @@ def _alsd() -> list[str]:
 def _env() -> dict[str, str]:
     repo = Path(__file__).resolve().parents[2]
     return {**os.environ, "PYTHONPATH": str(repo)}
+
+
+def test_readdir_lists_dot_and_dotdot(
+    alsd: AlsdProcess, refs: dict[str, str], layout: OciLayout
+) -> None:
+    """Like every Linux filesystem (and stargz-store): ``.`` and ``..`` in every directory,
+    which overlayfs passes through for a directory only the lower layer has."""
+    la = layout.image("esgz").layers[0]
+    d = alsd.layer_dir(refs["esgz"], la.digest)
+    (d / "diff").stat()
+    for path in (alsd.mountpoint, d.parent, d, d / "diff", d / "diff" / "data"):
+        r = subprocess.run(["ls", "-a", str(path)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        names = r.stdout.split()
+        assert names[:2] == [".", ".."], (path, names)
+        assert names.count(".") == 1 and names.count("..") == 1
+    data = d / "diff" / "data"
+    ino = {e.name: e.inode() for e in os.scandir(data)}
+    assert ino["dir"] == os.lstat(data / "dir").st_ino
+    listed = subprocess.run(
+        ["ls", "-ai", str(data)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    by_name = dict(zip(listed[1::2], (int(i) for i in listed[0::2]), strict=True))
+    assert by_name["."] == os.lstat(data).st_ino
+    assert by_name[".."] == os.lstat(d / "diff").st_ino
