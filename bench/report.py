@@ -269,7 +269,10 @@ def write_report(b: Bench, out_dir: Path) -> Path:
         L += [
             "## Restart and memory", "",
             f"{rs['layers']} eStargz layers ({rs['toc_entries']} TOC entries in all) looked up "
-            "and listed, alsd stopped (SIGTERM) and started again on the same state directory.",
+            "and listed, alsd stopped (SIGTERM) and started again on the same state directory. "
+            "Background fetch off for this section (unless overridden): with it on, a background "
+            "fetch left unfinished by the first run resumes at start-up and its bytes would "
+            "count here.",
             "",
             "| figure | value |", "|---|---|",
             f"| process start → mounted | {rs['mount'].fmt(digits=3)} |",
