@@ -6,7 +6,8 @@ it; lazily unmount a dead mount a killed instance left behind, since a mountpoin
 answers ENOTCONN breaks every podman command), mount with pyfuse3 in asyncio mode, start
 the control socket, tell systemd READY=1.
 
-Shut-down (SIGTERM/SIGINT): ``pyfuse3.terminate()`` stops taking FUSE requests; an
+Shut-down (SIGTERM/SIGINT): ``pyfuse3.terminate()`` stops taking FUSE requests; those
+in flight get ``STOP_GRACE_S`` to finish, then answer EIO; an
 AsyncExitStack then tears down in reverse order of construction: control socket,
 unmount, engine (cancels fetches; metadata is saved as layers resolve), chunk store
 (flushes and marks clean), registry sessions. Exit status 0.
@@ -43,6 +44,10 @@ log = logging.getLogger("alsd")
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
+# After SIGTERM/SIGINT, requests still in flight (a read or lookup waiting on a slow or
+# silent registry) get this long before they are answered EIO; well below systemd's
+# default TimeoutStopSec (90 s), past which a SIGKILL would leave a dead mount.
+STOP_GRACE_S = 5.0
 
 
 # ------------------------------------------------------------------ command line
@@ -337,6 +342,14 @@ async def run(cfg: Config) -> int:
             log.info("%s: stopping", signal.Signals(signum).name)
             sd_notify("STOPPING=1")
             pyfuse3.terminate()
+            loop.call_later(STOP_GRACE_S, interrupt_requests)
+
+        def interrupt_requests() -> None:
+            n = ops.cancel_inflight()
+            if n:
+                log.warning(
+                    "%d request(s) still in flight %gs after the signal: EIO", n, STOP_GRACE_S
+                )
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)

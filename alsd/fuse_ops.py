@@ -84,8 +84,21 @@ def _handler(
         ops: Operations = args[0]  # type: ignore[assignment]
         t0 = time.monotonic()
         err: int | None = None
+        task = asyncio.current_task()
+        if task is not None:
+            ops._inflight.add(task)
         try:
             return await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            if not ops.stopping or task is None:
+                raise
+            # Cancelled by cancel_inflight() on the way out: answer, so the worker ends
+            # and the syscall returns instead of waiting for a registry that may never
+            # answer. The task itself goes on to pyfuse3's orderly exit.
+            task.uncancel()
+            err = errno.EIO
+            log.info("%s: interrupted by shutdown, answering EIO", op)
+            raise FUSEError(errno.EIO) from None
         except FUSEError as exc:
             err = exc.errno
             raise
@@ -101,6 +114,8 @@ def _handler(
             log.exception("%s: unexpected error, answering EIO", op)
             raise FUSEError(errno.EIO) from None
         finally:
+            if task is not None:
+                ops._inflight.discard(task)
             ops.stats.requests[op] += 1
             ops.stats.seconds[op] = ops.stats.seconds.get(op, 0.0) + time.monotonic() - t0
             if err is not None:
@@ -122,6 +137,17 @@ class Operations(pyfuse3.Operations):
         self.engine = engine
         self.resolve_timeout_s = resolve_timeout_s
         self.stats = FuseStats()
+        self.stopping = False
+        self._inflight: set[asyncio.Task[Any]] = set()
+
+    def cancel_inflight(self) -> int:
+        """Make every request still being handled answer EIO now (shutdown only: after
+        ``pyfuse3.terminate()`` no new request is read). Returns how many there were."""
+        self.stopping = True
+        tasks = list(self._inflight)
+        for t in tasks:
+            t.cancel()
+        return len(tasks)
 
     # -- helpers ------------------------------------------------------------------------
     def _entry(self, ino: int) -> pyfuse3.EntryAttributes:

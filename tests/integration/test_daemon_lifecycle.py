@@ -202,3 +202,37 @@ def test_non_empty_mountpoint_is_refused(tmp_path: Path) -> None:
         assert (mnt / "precious").read_text() == "x"
     finally:
         p.cleanup()
+
+
+@pytest.mark.fuse
+def test_sigterm_does_not_wait_for_a_hung_lookup(tmp_path: Path) -> None:
+    """A lookup waiting on a registry that never answers must not hold the shutdown for
+    the whole resolve timeout (systemd would SIGKILL and leave a dead mount): in-flight
+    requests get a short grace, then an error, and the daemon unmounts and exits 0."""
+    import base64
+    import signal
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # connections complete in the backlog and are never answered
+    ref = f"127.0.0.1:{silent.getsockname()[1]}/x/y:latest"
+    settings = {"fetch.resolve_timeout_s": 600.0, "fetch.request_timeout_s": 600.0}
+    p = start_alsd(tmp_path, settings=settings)
+    try:
+        diff = p.mountpoint / base64.b64encode(ref.encode()).decode() / ("sha256:" + "1" * 64)
+        code = f"import os\ntry:\n    os.stat({str(diff / 'diff')!r})\nexcept OSError as e:\n"
+        code += "    print(e.errno)\n"
+        stat = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while p.status()["resolving"] == 0:
+            assert stat.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        p.signal(signal.SIGTERM)
+        assert p.wait_exit(timeout_s=60) == 0, p.log_tail()
+        out, _ = stat.communicate(timeout=60)
+        assert out.strip() and int(out) != 0  # an errno, not success and not a hang
+        assert not os.path.ismount(p.mountpoint)
+    finally:
+        silent.close()
+        p.cleanup()
