@@ -26,6 +26,9 @@ def test_sigterm_unmounts_and_exits_0(tmp_path: Path) -> None:
     p = start_alsd(tmp_path)
     try:
         assert os.path.ismount(p.mountpoint)
+        # the control socket: root's only (it hands credentials over), its dir created
+        assert os.stat(p.control_socket).st_mode & 0o777 == 0o600
+        assert os.stat(p.control_socket.parent).st_mode & 0o077 == 0
         p.stop()  # asserts exit 0 and no mount left
         assert not p.control_socket.exists()
     finally:
