@@ -277,6 +277,23 @@ def _pyfuse3() -> Any:
 # ------------------------------------------------------------------ run
 
 
+def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The default handler, except for one harmless pyfuse3 race at shutdown.
+
+    pyfuse3.asyncio waits for the FUSE fd with ``loop.add_reader(fd, future.set_result)``;
+    ``terminate()`` fails that future, but when the fd was already readable in the same
+    loop iteration the queued reader callback still runs and ``set_result`` raises
+    InvalidStateError, which asyncio would log as an error with a traceback.
+    """
+    exc = context.get("exception")
+    if isinstance(exc, asyncio.InvalidStateError) and "Future.set_result" in repr(
+        context.get("handle")
+    ):
+        log.debug("ignored at shutdown: %s", context.get("message"))
+        return
+    loop.default_exception_handler(context)
+
+
 def _state_dir(path: str) -> Path:
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -295,6 +312,7 @@ async def run(cfg: Config) -> int:
     pyfuse3 = _pyfuse3()
     started = time.time()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(loop_exception_handler)
     state = _state_dir(cfg.state_dir)
 
     async with AsyncExitStack() as stack:

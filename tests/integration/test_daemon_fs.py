@@ -468,3 +468,20 @@ def test_readdir_lists_dot_and_dotdot(
     by_name = dict(zip(listed[1::2], (int(i) for i in listed[0::2]), strict=True))
     assert by_name["."] == os.lstat(data).st_ino
     assert by_name[".."] == os.lstat(d / "diff").st_ino
+
+
+def test_a_reference_longer_than_name_max_is_served(
+    alsd: AlsdProcess,
+    registry: RegistryServer,  # noqa: F811
+    layout: OciLayout,
+) -> None:
+    """FUSE passes names up to 1024 bytes (not NAME_MAX, 255): a reference whose base64 is
+    longer than 255 reaches alsd and is served, not refused by the kernel."""
+    ref = registry.push_fixture("esgz", repo="fx/" + "a" * 190)
+    name = alsd.layer_dir(ref, layout.image("esgz").layers[0].digest)
+    assert len(name.parent.name) > 255
+    r = subprocess.run(
+        ["cat", str(name / "diff" / "data" / "small.txt")], capture_output=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello from a fixture\n"

@@ -239,3 +239,26 @@ def test_sigterm_does_not_wait_for_a_hung_lookup(tmp_path: Path) -> None:
     finally:
         silent.close()
         p.cleanup()
+
+
+async def test_the_pyfuse3_shutdown_race_is_not_logged_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Reproduces pyfuse3.asyncio's race directly (it depends on kernel timing through a
+    real mount): a reader callback ``set_result`` on a future terminate() already failed."""
+    import asyncio
+
+    from alsd.daemon import loop_exception_handler
+
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(loop_exception_handler)
+    fut: asyncio.Future[None] = loop.create_future()
+    fut.set_exception(RuntimeError("closing"))
+    fut.exception()
+    with caplog.at_level("DEBUG"):
+        loop.call_soon(fut.set_result, None)
+        loop.call_soon(lambda: 1 / 0)  # any other callback error is still reported
+        for _ in range(3):
+            await asyncio.sleep(0)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "ZeroDivisionError" in str(errors[0].exc_info)
