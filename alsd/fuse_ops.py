@@ -37,7 +37,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from alsd.errors import AlsdError, UnknownLayer, errno_for
+from alsd.errors import AlsdError, NotLazyError, UnknownLayer, errno_for
 from alsd.tree import LAYER_NAMES, USE_NAME, Kind, LayerLike, Tree, check_digest_name
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,15 @@ class Operations(pyfuse3.Operations):
             raise UnknownLayer(
                 f"{ref} {digest}: not resolved within {self.resolve_timeout_s:g}s"
             ) from None
+        except (UnknownLayer, NotLazyError):
+            raise
+        except AlsdError as exc:
+            # A layer we cannot serve (registry failure, corrupt or unverifiable TOC) is,
+            # for containers/storage, simply not in this store: it pulls it the normal
+            # way. Say so to the admin once (the engine caches the failure), and answer
+            # "not here" rather than EIO so podman never mistakes it for a broken store.
+            log.warning("%s %s: falling back to a normal pull: %s", ref, digest, exc)
+            raise UnknownLayer(f"{ref} {digest}: cannot be served lazily: {exc}") from exc
         return layer
 
     # -- lookups and attributes -----------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 import pyfuse3
 import pytest
 
-from alsd.errors import IntegrityError, NotLazyError
+from alsd.errors import IntegrityError, NotLazyError, RegistryError
 from alsd.fuse_ops import Operations
 from alsd.tree import ROOT_INODE, Tree, encode_ref_name
 
@@ -53,7 +53,10 @@ async def _layer_dir(ops: Operations) -> int:
     ("exc", "want"),
     [
         (NotLazyError("plain gzip"), errno.ENOENT),
-        (IntegrityError("bad chunk"), errno.EIO),
+        # A layer that resolves to an error is "not in this store" for podman (issue 5):
+        # it falls back to a normal pull. EIO stays for bugs and for reads of bad bytes.
+        (IntegrityError("TOC digest mismatch"), errno.ENOENT),
+        (RegistryError("connection refused"), errno.ENOENT),
         (RuntimeError("a bug"), errno.EIO),
         (KeyError("a bug"), errno.EIO),
     ],
