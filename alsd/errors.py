@@ -71,7 +71,9 @@ class UnknownLayer(AlsdError):
 # - Unauthorized -> ENOENT as well: a layer we may not read is not present for us; the
 #   normal pull then reports the real authorisation problem to the user.
 # - FormatError, IntegrityError, RegistryError, StoreError -> EIO: the layer exists but
-#   we cannot give correct bytes. EIO, never wrong data.
+#   we cannot give correct bytes. EIO, never wrong data. (While a layer is being
+#   *resolved* for an ALS lookup, fuse_ops turns these into UnknownLayer first: a layer
+#   we cannot serve is simply not in this store, and podman pulls it normally.)
 # - ConfigError -> EINVAL (never reached through FUSE in practice).
 _ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
     (UnknownLayer, errno.ENOENT),
