@@ -214,7 +214,7 @@ class Operations(pyfuse3.Operations):
             layer = await self._layer(t.ref, t.digest)
             ino = self.tree.lookup_in_layer_dir(parent_inode, n, layer)
         elif t.kind is Kind.DIFF:
-            found = self.tree.lookup_in_diff(parent_inode, n)
+            found = self.tree.lookup_in_diff(parent_inode, n, parent=t)
             if found is None:
                 raise FUSEError(errno.ENOENT)
             ino = found
@@ -295,13 +295,21 @@ class Operations(pyfuse3.Operations):
         # "." and ".." first, as every Linux filesystem lists them (FUSE leaves them to
         # us; overlayfs passes them through for a directory only a lower layer has). The
         # kernel takes no reference for them in readdirplus, so they are not counted.
-        entries = [(".", int(fh)), ("..", self.tree.parent(fh)), *self.tree.readdir(fh)]
-        for i in range(start_id, len(entries)):
+        # Offsets: 0 ".", 1 "..", 2 + i the i-th entry. tree.readdir is a lazy sequence,
+        # so a request costs what it answers, not the size of the directory.
+        if start_id < 2:
+            dots = [(".", int(fh)), ("..", self.tree.parent(fh))]
+            for i in range(start_id, 2):
+                name, ino = dots[i]
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(ino), i + 1):
+                    return
+            start_id = 2
+        entries = self.tree.readdir(fh)
+        for i in range(start_id - 2, len(entries)):
             name, ino = entries[i]
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(ino), i + 1):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(ino), i + 3):
                 break
-            if i >= 2:
-                self.tree.count(ino)  # readdirplus hands the kernel a reference, like lookup
+            self.tree.count(ino)  # readdirplus hands the kernel a reference, like lookup
 
     @_handler
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:

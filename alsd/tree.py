@@ -37,7 +37,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, overload
 
 from alsd.errors import StoreError, UnknownLayer
 from alsd.oci.layer_index import EntryKind, LayerIndex
@@ -251,9 +251,12 @@ class Tree:
         self._count_layer(layer)
         return ino
 
-    def lookup_in_diff(self, parent_ino: int, name: str) -> int | None:
-        """A name inside a layer's tree (None: no such entry)."""
-        t = self.resolve(parent_ino)
+    def lookup_in_diff(
+        self, parent_ino: int, name: str, *, parent: Target | None = None
+    ) -> int | None:
+        """A name inside a layer's tree (None: no such entry). ``parent``: what
+        ``resolve(parent_ino)`` answered, when the caller already has it."""
+        t = self.resolve(parent_ino) if parent is None else parent
         if t.kind is not Kind.DIFF or t.layer is None:
             raise UnknownLayer(f"inode {parent_ino} is not a directory of a layer")
         node = t.layer.index.lookup(t.node, name)
@@ -387,9 +390,9 @@ class Tree:
                     ]
             return []
         if t.kind is Kind.DIFF and t.layer is not None:
-            return [
-                (name, self.diff_inode(t.layer, n)) for name, n in t.layer.index.readdir(t.node)
-            ]
+            # Lazy: the kernel reads a big directory in many requests, each at an offset;
+            # building the whole list per request made listing n entries cost n².
+            return _DiffEntries(t.layer.index.readdir(t.node), self.diff_inode(t.layer, 0))
         raise UnknownLayer(f"inode {ino} is not a directory")
 
     def parent(self, ino: int) -> int:
@@ -408,6 +411,36 @@ class Tree:
 
     def layers(self) -> list[LayerLike]:
         return [e.layer for e in self._layers.values()]
+
+
+class _DiffEntries(Sequence[tuple[str, int]]):
+    """A layer directory's (name, node) dirents seen as (name, inode), made on access."""
+
+    __slots__ = ("_dirents", "_ino0")
+
+    def __init__(self, dirents: Sequence[tuple[str, int]], ino0: int) -> None:
+        self._dirents = dirents
+        self._ino0 = ino0  # the inode of node 0 (nodes are numbered contiguously)
+
+    def __len__(self) -> int:
+        return len(self._dirents)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[str, int]: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[str, int]]: ...
+    def __getitem__(self, i: int | slice) -> tuple[str, int] | Sequence[tuple[str, int]]:
+        if isinstance(i, slice):
+            return _DiffEntries(self._dirents[i], self._ino0)
+        name, node = self._dirents[i]
+        return name, self._ino0 + node
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # equal to a list, so unhashable like one
 
 
 def makedev(major: int, minor: int) -> int:

@@ -29,7 +29,7 @@ from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 from alsd.errors import FormatError
 
@@ -243,10 +243,11 @@ class LayerIndex:
         return None
 
     def readdir(self, parent: int) -> Sequence[tuple[str, int]]:
+        """(name, node) of the children, sorted by name bytes: a lazy view, so that the
+        kernel's many READDIR requests into a big directory each cost only their slice."""
         self._check_node(parent)
         cs = self._cols["child_start"]
-        ent_node = self._cols["ent_node"]
-        return [(self._ent_name(e), ent_node[e]) for e in range(cs[parent], cs[parent + 1])]
+        return _Dirents(self, cs[parent], cs[parent + 1])
 
     def attr(self, node: int) -> NodeAttr:
         self._check_node(node)
@@ -433,6 +434,48 @@ class LayerIndex:
 
 
 # -- building ---------------------------------------------------------------------------
+
+
+class _Dirents(Sequence[tuple[str, int]]):
+    """The dirents ``[start, end)`` of an index as (name, node), made on access."""
+
+    __slots__ = ("_end", "_index", "_start")
+
+    def __init__(self, index: LayerIndex, start: int, end: int) -> None:
+        self._index = index
+        self._start = start
+        self._end = end
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[str, int]: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[str, int]]: ...
+    def __getitem__(self, i: int | slice) -> tuple[str, int] | Sequence[tuple[str, int]]:
+        n = self._end - self._start
+        if isinstance(i, slice):
+            first, stop, step = i.indices(n)
+            if step == 1:
+                return _Dirents(self._index, self._start + first, self._start + max(first, stop))
+            return [self[k] for k in range(first, stop, step)]
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        ent = self._start + i
+        return self._index._ent_name(ent), self._index._cols["ent_node"][ent]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # equal to a list, so unhashable like one
+
+    def __repr__(self) -> str:
+        return f"_Dirents({list(self)!r})"
 
 
 class _Node:

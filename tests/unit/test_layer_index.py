@@ -96,6 +96,7 @@ def test_tree(index: LayerIndex) -> None:
     assert b is not None
     assert index.attr(b).mode == 0o700 and index.attr(b).uid == 1000
     assert [n for n, _ in index.readdir(b)] == ["gone", "h2", "kept"]
+    assert index.readdir(b) != ["gone"] and index.readdir(b) != "gone"
     assert index.attr(index.find("b/gone") or 0).kind == EntryKind.WHITEOUT
     assert index.attr(index.find("b/kept") or 0).kind == EntryKind.DIR  # real entry wins
     assert index.attr(0).mtime_ns == 1704164645 * 10**9
@@ -204,3 +205,20 @@ def test_unicode_names_sort_by_bytes() -> None:
     assert names == sorted(names, key=lambda s: s.encode("utf-8", "surrogatepass"))
     for n in names:
         assert index.lookup(0, n) is not None
+
+
+def test_readdir_is_a_sliceable_view(index: LayerIndex) -> None:
+    full = list(index.readdir(0))
+    view = index.readdir(0)
+    assert len(view) == len(full) == 8
+    assert view == full and full == view
+    assert view[0] == full[0] and view[-1] == full[-1] and view[3] == full[3]
+    for sl in (slice(2, 5), slice(5, None), slice(None, -2), slice(7, 3), slice(20, None)):
+        assert list(view[sl]) == full[sl], sl
+    assert view[2:][1:3] == full[2:][1:3]
+    assert list(view[::3]) == full[::3]
+    for bad in (8, -9):
+        with pytest.raises(IndexError):
+            view[bad]
+    with pytest.raises(TypeError):
+        hash(view)

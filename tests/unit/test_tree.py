@@ -154,7 +154,15 @@ def test_diff_tree_attributes_and_unique_inodes(tree: Tree) -> None:
     root1 = tree.lookup_in_layer_dir(d1, "diff", l1)
     assert root0 != root1
     assert [n for n, _ in tree.readdir(root0)] == ["bin", "dev", "etc", "opq"]
+    listed = dict(tree.readdir(root0))
+    assert list(tree.readdir(root0)[2:]) == [("etc", listed["etc"]), ("opq", listed["opq"])]
+    assert tree.readdir(root0)[-1] == ("opq", listed["opq"])
     bin0 = tree.lookup_in_diff(root0, "bin")
+    assert bin0 == listed["bin"]
+    # A caller that already resolved the parent passes it instead of a second resolve.
+    assert tree.lookup_in_diff(root0, "bin", parent=tree.resolve(root0)) == bin0
+    with pytest.raises(UnknownLayer):
+        tree.lookup_in_diff(root0, "bin", parent=tree.resolve(d))
     bin1 = tree.lookup_in_diff(root1, "bin")
     assert bin0 is not None and bin1 is not None and bin0 != bin1
     sh = tree.lookup_in_diff(bin0, "sh")
