@@ -356,7 +356,8 @@ def write_raw(b: Bench, path: Path) -> None:
         return o
 
     doc = {
-        "args": {k: str(v) for k, v in vars(b.args).items()},
+        # Not "out": where the report went says nothing about the figures.
+        "args": {k: str(v) for k, v in vars(b.args).items() if k != "out"},
         "podman": b.podman_version,
         "images": b.images,
         "cold": {f"{w}/{v}": conv(r) for (w, v), r in b.cold.items()},
