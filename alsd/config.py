@@ -312,18 +312,12 @@ def engine_settings(cfg: Config) -> Any:
 
 def _engine_kwargs(cfg: Config) -> dict[str, Any]:
     return {
-        "state_dir": cfg.state_dir,
-        "cache_max_bytes": cfg.cache.max_bytes,
         "fetch_concurrency": cfg.fetch.concurrency,
-        "request_timeout_s": cfg.fetch.request_timeout_s,
         "resolve_timeout_s": cfg.fetch.resolve_timeout_s,
-        "max_retries": cfg.fetch.max_retries,
         "merge_gap_bytes": cfg.fetch.merge_gap_bytes,
         "prefetch_landmark": cfg.prefetch.landmark,
         "prefetch_background": cfg.prefetch.background,
         "release_grace_s": cfg.layers.release_grace_s,
         "negative_cache_ttl_s": cfg.layers.negative_cache_ttl_s,
         "unknown_diff_size": cfg.layers.unknown_diff_size,
-        "registries_conf": cfg.registry.registries_conf,
-        "auth_file": cfg.registry.auth_file,
     }

@@ -75,14 +75,15 @@ _RECORD_VERSION = 1
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """Everything the engine can be told; alsd.toml is mapped onto this (config.py)."""
+    """Everything the engine can be told; alsd.toml is mapped onto this (config.py).
 
-    state_dir: str = ""
-    cache_max_bytes: int = 10 << 30
+    Settings of the registry client, the chunk store and the daemon (request timeout,
+    retries, cache size, registries.conf, auth file, state directory) are not here: those
+    parts are built from the configuration directly (registry_setup.py, daemon.py).
+    """
+
     fetch_concurrency: int = 4
-    request_timeout_s: float = 30.0
     resolve_timeout_s: float = 30.0
-    max_retries: int = 5
     merge_gap_bytes: int = 64 << 10
     max_request_bytes: int = 8 << 20
     max_ranges_per_request: int = 16
@@ -97,8 +98,6 @@ class EngineSettings:
     unknown_diff_size: Literal["lazy-zero", "fallback"] = "lazy-zero"
     max_toc_bytes: int = 64 << 20
     blob_readahead_bytes: int = 1 << 20
-    registries_conf: str | None = None
-    auth_file: str | None = None
 
 
 class RegistryLike(Protocol):
@@ -140,9 +139,7 @@ class Layer:
     layer_no: int  # inode namespace, unique over the engine's lifetime
     info_old: bytes  # b"" when this generation cannot be served (see info.py)
     info_new: bytes
-    descriptor: Descriptor
     diff_id: str
-    media_type: str
     compressed_size: int
     uncompressed_size: int | None
     position: int  # index of the layer in the manifest
@@ -613,9 +610,7 @@ class Engine:
             layer_no=next(self._layer_numbers),
             info_old=old,
             info_new=new,
-            descriptor=desc,
             diff_id=diff_id,
-            media_type=desc.media_type,
             compressed_size=desc.size,
             uncompressed_size=unc,
             position=pos,

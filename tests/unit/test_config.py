@@ -136,5 +136,8 @@ def test_engine_settings_mapping() -> None:
     assert isinstance(s, EngineSettings)
     assert s.unknown_diff_size == "fallback"
     assert s.fetch_concurrency == 7
-    assert s.state_dir == cfg.state_dir
+    assert s.resolve_timeout_s == cfg.fetch.resolve_timeout_s
+    # Registry client, chunk store and daemon settings are built from cfg directly.
+    for unused in ("state_dir", "cache_max_bytes", "request_timeout_s", "max_retries"):
+        assert not hasattr(s, unused)
     assert s.prefetch_background is True
