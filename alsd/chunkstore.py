@@ -503,6 +503,78 @@ class ChunkStore:
         finally:
             os.close(fd)
 
+    async def get_range(self, digest: str, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of a stored chunk, or None like :meth:`get`.
+
+        Reads just that slice (a 128 KiB FUSE read of a 4 MiB chunk must not copy the whole
+        chunk). A chunk that must be re-hashed (``verify_reads``, or possibly torn by an OS
+        crash) is read whole through :meth:`get`, verified, and then sliced. ``start`` and
+        ``end`` are clamped to the chunk. The chunk is pinned while its file is read.
+        """
+        self._ensure_open()
+        hx = chunk_hex(digest)
+        size = self._lru.get(hx) if hx is not None else None
+        if hx is None or size is None:
+            self._misses += 1
+            return None
+        start = max(0, start)
+        end = min(end, size)
+        if self._verify_reads or hx in self._unverified:
+            data = await self.get(digest)
+            return None if data is None else data[start:end]
+        if end <= start:
+            self._lru.move_to_end(hx)
+            self._hits += 1
+            return b""
+        self._lru.move_to_end(hx)
+        self._pin(hx)
+        try:
+            result = await asyncio.to_thread(self._read_range_sync, hx, size, start, end)
+        finally:
+            self._unpin(hx)
+        if isinstance(result, str):
+            self._drop_bad(hx, result)
+            self._misses += 1
+            return None
+        self._hits += 1
+        return result
+
+    def _read_range_sync(self, hx: str, size: int, start: int, end: int) -> bytes | str:
+        """Read ``[start, end)`` of a chunk file; the bytes or a description of what is wrong."""
+        path = self._path(hx)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return "file is missing"
+        except OSError as exc:
+            return f"cannot open: {exc}"
+        try:
+            st = os.fstat(fd)
+            if st.st_size != size:
+                return f"file has {st.st_size} bytes, {size} recorded"
+            want = end - start
+            data = os.pread(fd, want, start)
+            if len(data) < want:
+                parts = [data]
+                got = len(data)
+                while got < want:
+                    part = os.pread(fd, want - got, start + got)
+                    if not part:
+                        break
+                    parts.append(part)
+                    got += len(part)
+                data = b"".join(parts)
+            if len(data) != want:
+                return f"short read: {len(data)} of {want} bytes at {start}"
+            if time.time_ns() - st.st_mtime_ns > _TOUCH_INTERVAL_NS:
+                with contextlib.suppress(OSError):
+                    os.utime(fd)
+            return data
+        except OSError as exc:
+            return f"read error: {exc}"
+        finally:
+            os.close(fd)
+
     def _drop_bad(self, hx: str, reason: str) -> None:
         self._corrupt += 1
         log.warning("chunk store: discarding sha256:%s: %s", hx, reason)

@@ -745,11 +745,13 @@ class Engine:
         self.stats.reads += 1
         t0 = time.monotonic()
         try:
-            with self.scheduler.demand():
-                got = await self.fetcher.get_chunks(
-                    layer.source, [(node, c) for c in chunks], Priority.DEMAND
-                )
-            out = _assemble(layer, node, chunks, got, offset, end)
+            out = await self._read_stored(layer, node, chunks, offset, end)
+            if out is None:
+                with self.scheduler.demand():
+                    got = await self.fetcher.get_chunks(
+                        layer.source, [(node, c) for c in chunks], Priority.DEMAND
+                    )
+                out = _assemble(layer, node, chunks, got, offset, end)
         except AlsdError:
             self.stats.read_errors += 1
             raise
@@ -758,6 +760,39 @@ class Engine:
         self.stats.read_bytes += len(out)
         layer.source.stats.bytes_served += len(out)
         return out
+
+    async def _read_stored(
+        self, layer: Layer, node: int, chunks: Sequence[Chunk], offset: int, end: int
+    ) -> bytes | None:
+        """``[offset, end)`` when every chunk is in the chunk store, reading only the
+        requested slice of each; None otherwise. Does not count as on-demand activity for
+        the scheduler: nothing is fetched."""
+        wanted: list[tuple[Chunk, int, int]] = []
+        pos = offset
+        for c in chunks:
+            c_end = c.file_offset + c.size
+            if c_end <= pos:
+                continue
+            if c.file_offset > pos:
+                return None  # a hole in the chunk list: let _assemble report it
+            hi = min(end, c_end)
+            wanted.append((c, pos - c.file_offset, hi - c.file_offset))
+            pos = hi
+            if pos >= end:
+                break
+        if pos != end:
+            return None
+        parts = await self.fetcher.get_stored_slices(wanted)
+        if parts is None:
+            return None
+        for (c, lo, hi), part in zip(wanted, parts, strict=True):
+            if len(part) != hi - lo:
+                # A stored chunk shorter than the TOC says: same error as the general path.
+                raise IntegrityError(
+                    f"{layer.source.name}: {layer.index.path(node)}@{c.file_offset}: chunk "
+                    f"has fewer bytes than the TOC says ({c.size})"
+                )
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read_blob(self, layer: Layer, offset: int, size: int) -> bytes:
         """Raw compressed bytes of the layer blob (for the ``blob`` file)."""

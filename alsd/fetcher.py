@@ -278,6 +278,35 @@ class Fetcher:
             )
         return result
 
+    async def get_stored_slices(
+        self, wanted: Sequence[tuple[Chunk, int, int]]
+    ) -> list[bytes] | None:
+        """Slices ``chunk[start:end]`` of chunks all held by the store (or zeros), or None.
+
+        The fast path of a read whose chunks are stored: only the requested bytes are read
+        from each chunk file, not whole chunks. None as soon as one chunk is not stored
+        (or went missing): the caller then takes the general path, :meth:`get_chunks`.
+        Chunks in the store were verified before they were stored.
+        """
+        get_range = getattr(self._store, "get_range", None)
+        if get_range is None:
+            return None
+        for chunk, _, _ in wanted:
+            if not chunk.zeros and not self._store.has(chunk.digest):
+                return None
+        out: list[bytes] = []
+        for chunk, start, end in wanted:
+            if chunk.zeros:
+                out.append(bytes(max(0, min(end, chunk.size) - max(0, start))))
+                continue
+            data = await get_range(chunk.digest, start, end)
+            if data is None:
+                return None
+            assert isinstance(data, bytes)
+            self.stats.chunk_hits += 1
+            out.append(data)
+        return out
+
     async def close(self) -> None:
         """Cancel every running fetch; waiters get CancelledError."""
         self._closed = True

@@ -237,6 +237,33 @@ async def test_two_layers_sharing_content_store_it_once(
     assert (after["count"], after["bytes"]) == (stored["count"], stored["bytes"])
 
 
+async def test_reads_of_stored_chunks_return_exact_slices_without_requests(
+    registry: Registry, layout: OciLayout, gzip_files: list[dict[str, bytes]],
+    factory: EngineFactory,
+) -> None:
+    env = await factory.make()
+    layer = await env.engine.get_layer(_ref(registry, "esgz"),
+                                       layout.image("esgz").layers[0].digest)
+    content = gzip_files[0]["data/big.bin"]
+    node = layer.index.find("data/big.bin")
+    assert node is not None
+    chunks = layer.index.chunks(node)
+    assert len(chunks) > 2, "the fixture's big file should span several chunks"
+    assert await _read_all(env.engine, layer, "data/big.bin") == content
+    requests = layer.source.counter.requests
+    hits = env.engine.fetcher.stats.chunk_hits
+    # Edges: the first and last byte of a chunk, a read across a boundary, one spanning
+    # three chunks, the end of the file.
+    b1, b2 = chunks[1].file_offset, chunks[2].file_offset
+    cases = [(0, 1), (b1 - 1, 1), (b1, 1), (b1 - 7, 20), (b1 - 3, b2 - b1 + 6),
+             (len(content) - 5, 100), (b2 + 1, chunks[2].size - 1)]
+    for off, size in cases:
+        got = await env.engine.read(layer, node, off, size)
+        assert got == content[off : off + size], (off, size)
+    assert layer.source.counter.requests == requests
+    assert env.engine.fetcher.stats.chunk_hits > hits
+
+
 async def test_racing_reads_of_one_chunk_fetch_it_once(
     registry: Registry, layout: OciLayout, factory: EngineFactory
 ) -> None:
