@@ -406,8 +406,12 @@ class Engine:
             resolved = await self._registry.resolve(reference, counter=self.registry_counter)
             manifest_bytes, config_bytes = _resolved_bytes(resolved)
             img = self._make_image(ref, manifest_bytes, config_bytes, time.time())
-        except AlsdError:
+        except AlsdError as exc:
             self.stats.image_errors += 1
+            # Once per failed resolution (the failure is then cached per reference).
+            log.warning(
+                "%s: cannot resolve the image, its layers are pulled normally: %s", ref, exc
+            )
             raise
         except Exception as exc:
             self.stats.image_errors += 1

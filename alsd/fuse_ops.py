@@ -191,9 +191,8 @@ class Operations(pyfuse3.Operations):
         except AlsdError as exc:
             # A layer we cannot serve (registry failure, corrupt or unverifiable TOC) is,
             # for containers/storage, simply not in this store: it pulls it the normal
-            # way. Say so to the admin once (the engine caches the failure), and answer
-            # "not here" rather than EIO so podman never mistakes it for a broken store.
-            log.warning("%s %s: falling back to a normal pull: %s", ref, digest, exc)
+            # way (issue 5). The engine has already told the admin why, once; answer
+            # "not here" rather than EIO.
             raise UnknownLayer(f"{ref} {digest}: cannot be served lazily: {exc}") from exc
         return layer
 
