@@ -104,6 +104,13 @@ def _syncfs(path: Path) -> None:
         os.close(fd)
 
 
+def _willneed(fd: int, offset: int, length: int) -> None:
+    """Start reading ``[offset, offset+length)`` (0 = to the end) into the page cache;
+    does not wait for the disk. Only a hint: errors are ignored."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
 @dataclass
 class _OpenResult:
     lock_fd: int
@@ -566,12 +573,35 @@ class ChunkStore:
                 data = b"".join(parts)
             if len(data) != want:
                 return f"short read: {len(data)} of {want} bytes at {start}"
+            if start == 0 and end < size:
+                # Each read opens the file afresh, so the kernel sees no sequential
+                # pattern and reads just the slice, synchronously. A read from the start
+                # of a chunk usually goes on through it: ask for the rest now.
+                _willneed(fd, end, size - end)
             if time.time_ns() - st.st_mtime_ns > _TOUCH_INTERVAL_NS:
                 with contextlib.suppress(OSError):
                     os.utime(fd)
             return data
         except OSError as exc:
             return f"read error: {exc}"
+        finally:
+            os.close(fd)
+
+    def advise(self, digest: str) -> None:
+        """Hint that a stored chunk will be read soon: start reading its file into the
+        page cache in the background. Nothing happens if it is not stored."""
+        hx = chunk_hex(digest)
+        if hx is None or hx not in self._lru or self._closed:
+            return
+        self._spawn(asyncio.to_thread(self._advise_sync, hx))
+
+    def _advise_sync(self, hx: str) -> None:
+        try:
+            fd = os.open(self._path(hx), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # evicted or gone meanwhile: only a hint
+        try:
+            _willneed(fd, 0, 0)
         finally:
             os.close(fd)
 

@@ -165,6 +165,13 @@ class FuseConfig:
         "maximum number of FUSE requests handled concurrently (pyfuse3 worker tasks)",
         _positive,
     )
+    read_ahead_kb: int = _setting(
+        4096,
+        "kernel read-ahead of the mount in KiB (its bdi's read_ahead_kb, set after mounting "
+        "when run as root); larger read-ahead means fewer, larger FUSE read requests "
+        "(the kernel caps one at 1 MiB); 0 keeps the kernel's default (128)",
+        _non_negative,
+    )
 
 
 @dataclass(frozen=True)

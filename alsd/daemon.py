@@ -228,6 +228,48 @@ def _lazy_unmount(path: str) -> None:
     raise RuntimeError(f"{path}: cannot unmount the dead mount")
 
 
+def set_read_ahead(mountpoint: str, kib: int) -> bool:
+    """Set the read-ahead of the FUSE mount at ``mountpoint`` (its bdi's read_ahead_kb).
+
+    The kernel's default, 128 KiB, makes a sequential read of a big file cost one FUSE
+    request per 128 KiB, and each request is a round trip through this daemon; with more
+    read-ahead the kernel asks for up to 1 MiB at a time (its max_pages). Must run after
+    FUSE INIT, which lowers the bdi's read-ahead to what the daemon negotiated. Only root
+    may write the setting: anyone else keeps the default (one info line).
+    """
+    dev = _mount_device(mountpoint)
+    if dev is None:
+        log.info("%s: mount not found in mountinfo; read-ahead left as it is", mountpoint)
+        return False
+    path = f"/sys/class/bdi/{dev}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(f"{kib}\n")
+    except OSError as exc:
+        log.info("cannot set read-ahead of %s (%s): %s", mountpoint, path, exc)
+        return False
+    log.debug("%s: read-ahead %d KiB (%s)", mountpoint, kib, path)
+    return True
+
+
+def _mount_device(path: str) -> str | None:
+    """``major:minor`` of the (last) mount at ``path``, from /proc/self/mountinfo. A stat of
+    our own mountpoint from the event loop would wait for ourselves, so only its parent
+    is resolved (realpath of the mountpoint itself would stat it)."""
+    absolute = os.path.abspath(path)
+    real = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and _unescape(fields[4]) == real:
+                    found = fields[2]
+    except OSError:
+        return None
+    return found
+
+
 def _is_fuse_mount(path: str) -> bool:
     real = os.path.realpath(path)
     try:
@@ -336,6 +378,13 @@ async def run(cfg: Config) -> int:
         ops = Operations(tree, engine, resolve_timeout_s=cfg.fetch.resolve_timeout_s + 5.0)
 
         prepare_mountpoint(cfg.mountpoint)
+        if cfg.fuse.read_ahead_kb:
+            kib = cfg.fuse.read_ahead_kb
+
+            def after_init() -> None:
+                set_read_ahead(cfg.mountpoint, kib)
+
+            ops.after_init = after_init
         pyfuse3.init(ops, cfg.mountpoint, mount_options())
 
         def close_fuse() -> None:

@@ -789,6 +789,11 @@ class Engine:
         parts = await self.fetcher.get_stored_slices(wanted)
         if parts is None:
             return None
+        last, lo, _ = wanted[-1]
+        if lo == 0:
+            # Reading a chunk from its start: a sequential reader will want the file's
+            # next chunk soon, so let the disk fetch it meanwhile.
+            self.fetcher.advise_next(layer.index.chunks(node), last)
         for (c, lo, hi), part in zip(wanted, parts, strict=True):
             if len(part) != hi - lo:
                 # A stored chunk shorter than the TOC says: same error as the general path.

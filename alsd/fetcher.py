@@ -307,6 +307,25 @@ class Fetcher:
             out.append(data)
         return out
 
+    def advise_next(self, chunks: Sequence[Chunk], current: Chunk) -> None:
+        """Hint the store that the chunk after ``current`` in ``chunks`` (a file's chunks, by
+        offset) will be read soon, if the store holds it."""
+        advise = getattr(self._store, "advise", None)
+        if advise is None:
+            return
+        end = current.file_offset + current.size
+        lo, hi = 0, len(chunks)
+        while lo < hi:  # first chunk starting at or after end
+            mid = (lo + hi) // 2
+            if chunks[mid].file_offset < end:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < len(chunks):
+            nxt = chunks[lo]
+            if not nxt.zeros and self._store.has(nxt.digest):
+                advise(nxt.digest)
+
     async def close(self) -> None:
         """Cancel every running fetch; waiters get CancelledError."""
         self._closed = True

@@ -139,6 +139,15 @@ class Operations(pyfuse3.Operations):
         self.stats = FuseStats()
         self.stopping = False
         self._inflight: set[asyncio.Task[Any]] = set()
+        # Called (on the event loop) once the kernel has taken our answer to FUSE INIT:
+        # settings the kernel would overwrite during INIT go there (see daemon.py).
+        self.after_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        # pyfuse3 calls this while handling INIT, before answering it; call_soon runs the
+        # hook after the answer was written (the kernel processes it in that write).
+        if self.after_init is not None:
+            asyncio.get_running_loop().call_soon(self.after_init)
 
     def cancel_inflight(self) -> int:
         """Make every request still being handled answer EIO now (shutdown only: after

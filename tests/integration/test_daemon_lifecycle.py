@@ -35,6 +35,36 @@ def test_sigterm_unmounts_and_exits_0(tmp_path: Path) -> None:
         p.cleanup()
 
 
+def _bdi_read_ahead_kb(mountpoint: Path) -> int:
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mountpoint):
+                dev = fields[2]
+    assert dev is not None, f"{mountpoint} not in mountinfo"
+    return int(Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text())
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("kib", [4096, 512])
+def test_read_ahead_of_the_mount_is_set_after_init(tmp_path: Path, kib: int) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root may set a bdi's read-ahead")
+    p = start_alsd(tmp_path, settings={"fuse.read_ahead_kb": kib})
+    try:
+        # Set from the event loop after FUSE INIT, which would otherwise lower it to the
+        # kernel's default (128).
+        deadline = time.monotonic() + 10
+        while _bdi_read_ahead_kb(p.mountpoint) != kib:
+            assert time.monotonic() < deadline, _bdi_read_ahead_kb(p.mountpoint)
+            time.sleep(0.02)  # polling interval
+        assert os.listdir(p.mountpoint) == []  # and the daemon still answers
+        p.stop()
+    finally:
+        p.cleanup()
+
+
 @pytest.mark.fuse
 def test_mountpoint_is_created(tmp_path: Path) -> None:
     mnt = tmp_path / "a" / "b" / "store"
