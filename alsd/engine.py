@@ -98,6 +98,10 @@ class EngineSettings:
     unknown_diff_size: Literal["lazy-zero", "fallback"] = "lazy-zero"
     max_toc_bytes: int = 64 << 20
     blob_readahead_bytes: int = 1 << 20
+    # Landmark prefetch requests are at most this large: a request's chunks are decoded
+    # and served only once its whole body has arrived, and the prioritised region is in
+    # the order the container reads it, so small requests let it start early.
+    prefetch_request_bytes: int = 1 << 20
 
 
 class RegistryLike(Protocol):
@@ -849,9 +853,10 @@ class Engine:
                     layer,
                     _take_while(idx.iter_chunks(), lambda c: c.blob_offset < end),
                     Priority.PREFETCH,
-                    # The region is fetched whole, in max_request_bytes pieces.
+                    # The region is fetched whole, in prefetch_request_bytes pieces.
                     merge_gap_bytes=end,
                     span_bytes=self.settings.max_request_bytes * self.settings.fetch_concurrency,
+                    max_request_bytes=self.settings.prefetch_request_bytes,
                 )
         except AlsdError as exc:
             layer.prefetch_state = f"failed: {exc}"
@@ -897,6 +902,7 @@ class Engine:
         merge_gap_bytes: int,
         span_bytes: int,
         before_batch: Callable[[], Awaitable[None]] | None = None,
+        max_request_bytes: int | None = None,
     ) -> None:
         """Fetch and store the chunks the store lacks, in batches of about ``span_bytes``.
 
@@ -909,13 +915,17 @@ class Engine:
             if c.zeros or self._store.has(c.digest):
                 continue
             if batch and c.fetch_end - start > span_bytes:
-                await self._warm_batch(layer, batch, priority, merge_gap_bytes, before_batch)
+                await self._warm_batch(
+                    layer, batch, priority, merge_gap_bytes, before_batch, max_request_bytes
+                )
                 batch = []
             if not batch:
                 start = c.blob_offset
             batch.append((node, c))
         if batch:
-            await self._warm_batch(layer, batch, priority, merge_gap_bytes, before_batch)
+            await self._warm_batch(
+                layer, batch, priority, merge_gap_bytes, before_batch, max_request_bytes
+            )
 
     async def _warm_batch(
         self,
@@ -924,11 +934,17 @@ class Engine:
         priority: Priority,
         merge_gap_bytes: int,
         before_batch: Callable[[], Awaitable[None]] | None,
+        max_request_bytes: int | None = None,
     ) -> None:
         if before_batch is not None:
             await before_batch()
         await self.fetcher.get_chunks(
-            layer.source, batch, priority, merge_gap_bytes=merge_gap_bytes, keep=False
+            layer.source,
+            batch,
+            priority,
+            merge_gap_bytes=merge_gap_bytes,
+            keep=False,
+            max_request_bytes=max_request_bytes,
         )
 
     # ================================================================ status

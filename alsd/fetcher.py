@@ -138,6 +138,7 @@ class _Pending:
     source: BlobSource
     priority: Priority
     merge_gap_bytes: int
+    max_request_bytes: int
     wants: list[_Want] = field(default_factory=list)
 
 
@@ -155,14 +156,16 @@ def plan_ranges(
 
     Neighbours are merged when the gap between them is at most ``merge_gap_bytes`` and the
     merged range stays within ``max_request_bytes``. Overlapping compressed ranges (legacy
-    stargz chunks sharing a gzip member) always merge.
+    stargz chunks sharing a gzip member) always merge; adjacent ones (gap 0) only within
+    the bound (eStargz chunks are adjacent: merging them always made one range of any
+    region, whatever the bound).
     """
     out: list[tuple[int, int, list[Chunk]]] = []
     for c in sorted(chunks, key=lambda c: (c.blob_offset, c.fetch_end)):
         if out:
             start, end, members = out[-1]
             new_end = max(end, c.fetch_end)
-            if c.blob_offset <= end or (
+            if c.blob_offset < end or (
                 c.blob_offset - end <= merge_gap_bytes and new_end - start <= max_request_bytes
             ):
                 members.append(c)
@@ -192,7 +195,7 @@ class Fetcher:
         self.max_request_bytes = max_request_bytes
         self.max_ranges_per_request = max_ranges_per_request
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
-        self._pending: dict[tuple[str, Priority, int], _Pending] = {}
+        self._pending: dict[tuple[str, Priority, int, int], _Pending] = {}
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -209,16 +212,20 @@ class Fetcher:
         *,
         merge_gap_bytes: int | None = None,
         keep: bool = True,
+        max_request_bytes: int | None = None,
     ) -> dict[str, bytes]:
         """Return ``{digest: uncompressed bytes}`` for each ``(node, chunk)`` in ``wanted``.
 
         ``keep=False`` (prefetch/background) only makes sure the chunks are fetched and
         stored and returns an empty dict, so large batches are not held in memory.
+        ``max_request_bytes`` bounds each registry request of this call (default: the
+        fetcher's): smaller requests finish, and so serve their chunks, sooner.
         Raises IntegrityError, RegistryError or StoreError.
         """
         if self._closed:
             raise RegistryError("engine is closed")
         gap = self.merge_gap_bytes if merge_gap_bytes is None else merge_gap_bytes
+        max_req = self.max_request_bytes if max_request_bytes is None else max_request_bytes
         result: dict[str, bytes] = {}
         waits: dict[str, asyncio.Future[bytes]] = {}
         stored: list[tuple[int, Chunk]] = []
@@ -251,10 +258,10 @@ class Fetcher:
             self._inflight[d] = fut
             waits[d] = fut
             if pending is None:
-                key = (source.blob_digest, priority, gap)
+                key = (source.blob_digest, priority, gap, max_req)
                 pending = self._pending.get(key)
                 if pending is None:
-                    pending = self._pending[key] = _Pending(source, priority, gap)
+                    pending = self._pending[key] = _Pending(source, priority, gap, max_req)
             pending.wants.append(_Want(chunk, node, fut))
         if pending is not None and not self._flush_scheduled:
             self._flush_scheduled = True
@@ -274,7 +281,10 @@ class Fetcher:
                 result[d] = data
         if retry:
             result.update(
-                await self.get_chunks(source, retry, priority, merge_gap_bytes=gap, keep=keep)
+                await self.get_chunks(
+                    source, retry, priority, merge_gap_bytes=gap, keep=keep,
+                    max_request_bytes=max_req,
+                )
             )
         return result
 
@@ -352,7 +362,7 @@ class Fetcher:
         for p in pending.values():
             by_digest = {w.chunk.digest: w for w in p.wants}
             groups = plan_ranges(
-                [w.chunk for w in p.wants], p.merge_gap_bytes, self.max_request_bytes
+                [w.chunk for w in p.wants], p.merge_gap_bytes, p.max_request_bytes
             )
             # Several ranges per request (multi-range), bounded in count and bytes.
             batch: list[tuple[int, int, list[_Want]]] = []
@@ -365,7 +375,7 @@ class Fetcher:
                     continue
                 if batch and (
                     len(batch) >= self.max_ranges_per_request
-                    or size + (end - start) > self.max_request_bytes
+                    or size + (end - start) > p.max_request_bytes
                 ):
                     self._start(p.source, p.priority, batch)
                     batch, size = [], 0
