@@ -453,6 +453,20 @@ class ChunkStore:
         must be re-hashed) whose content does not match, is deleted and reported as a miss.
         The chunk is pinned while its file is read, so eviction cannot remove it meanwhile.
         """
+        return await self._read(digest, 0, None)
+
+    async def get_range(self, digest: str, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of a stored chunk, or None like :meth:`get`.
+
+        Reads just that slice (a 128 KiB FUSE read of a 4 MiB chunk must not copy the whole
+        chunk). A chunk that must be re-hashed (``verify_reads``, or possibly torn by an OS
+        crash) is read whole, verified, and then sliced. ``start`` and ``end`` are clamped
+        to the chunk. The chunk is pinned while its file is read.
+        """
+        return await self._read(digest, start, end)
+
+    async def _read(self, digest: str, start: int, end: int | None) -> bytes | None:
+        """:meth:`get` (``end`` None) and :meth:`get_range`: one path for both."""
         self._ensure_open()
         hx = chunk_hex(digest)
         size = self._lru.get(hx) if hx is not None else None
@@ -460,10 +474,17 @@ class ChunkStore:
             self._misses += 1
             return None
         self._lru.move_to_end(hx)
+        start = max(0, start)
+        end = size if end is None else min(end, size)
         verify = self._verify_reads or hx in self._unverified
+        # A chunk that must be re-hashed is read whole whatever slice is asked for.
+        lo, hi = (0, size) if verify else (start, end)
+        if hi <= lo and (lo, hi) != (0, size):
+            self._hits += 1
+            return b""
         self._pin(hx)
         try:
-            result = await asyncio.to_thread(self._read_sync, hx, size, verify)
+            result = await asyncio.to_thread(self._read_sync, hx, size, lo, hi, verify)
         finally:
             self._unpin(hx)
         if isinstance(result, str):
@@ -472,82 +493,11 @@ class ChunkStore:
             return None
         self._unverified.discard(hx)
         self._hits += 1
-        return result
+        return result if (lo, hi) == (start, end) else result[start:end]
 
-    def _read_sync(self, hx: str, size: int, verify: bool) -> bytes | str:
-        """Read a chunk file; returns the bytes or a description of what is wrong."""
-        path = self._path(hx)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return "file is missing"
-        except OSError as exc:
-            return f"cannot open: {exc}"
-        try:
-            st = os.fstat(fd)
-            if st.st_size != size:
-                return f"file has {st.st_size} bytes, {size} recorded"
-            parts: list[bytes] = []
-            got = 0
-            while got < size:
-                part = os.pread(fd, size - got, got)
-                if not part:
-                    break
-                parts.append(part)
-                got += len(part)
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            if len(data) != size:
-                return f"short read: {len(data)} of {size} bytes"
-            if verify and _sha256_hex(data) != hx:
-                return "content does not match its digest"
-            if time.time_ns() - st.st_mtime_ns > _TOUCH_INTERVAL_NS:
-                # Refresh the restart-time LRU order; failure (read-only fs) is harmless.
-                with contextlib.suppress(OSError):
-                    os.utime(fd)
-            return data
-        except OSError as exc:
-            return f"read error: {exc}"
-        finally:
-            os.close(fd)
-
-    async def get_range(self, digest: str, start: int, end: int) -> bytes | None:
-        """Bytes ``[start, end)`` of a stored chunk, or None like :meth:`get`.
-
-        Reads just that slice (a 128 KiB FUSE read of a 4 MiB chunk must not copy the whole
-        chunk). A chunk that must be re-hashed (``verify_reads``, or possibly torn by an OS
-        crash) is read whole through :meth:`get`, verified, and then sliced. ``start`` and
-        ``end`` are clamped to the chunk. The chunk is pinned while its file is read.
-        """
-        self._ensure_open()
-        hx = chunk_hex(digest)
-        size = self._lru.get(hx) if hx is not None else None
-        if hx is None or size is None:
-            self._misses += 1
-            return None
-        start = max(0, start)
-        end = min(end, size)
-        if self._verify_reads or hx in self._unverified:
-            data = await self.get(digest)
-            return None if data is None else data[start:end]
-        if end <= start:
-            self._lru.move_to_end(hx)
-            self._hits += 1
-            return b""
-        self._lru.move_to_end(hx)
-        self._pin(hx)
-        try:
-            result = await asyncio.to_thread(self._read_range_sync, hx, size, start, end)
-        finally:
-            self._unpin(hx)
-        if isinstance(result, str):
-            self._drop_bad(hx, result)
-            self._misses += 1
-            return None
-        self._hits += 1
-        return result
-
-    def _read_range_sync(self, hx: str, size: int, start: int, end: int) -> bytes | str:
-        """Read ``[start, end)`` of a chunk file; the bytes or a description of what is wrong."""
+    def _read_sync(self, hx: str, size: int, start: int, end: int, verify: bool) -> bytes | str:
+        """Read ``[start, end)`` of a chunk file (``verify``: the whole file, re-hashed);
+        returns the bytes or a description of what is wrong."""
         path = self._path(hx)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -560,25 +510,26 @@ class ChunkStore:
             if st.st_size != size:
                 return f"file has {st.st_size} bytes, {size} recorded"
             want = end - start
-            data = os.pread(fd, want, start)
-            if len(data) < want:
-                parts = [data]
-                got = len(data)
-                while got < want:
-                    part = os.pread(fd, want - got, start + got)
-                    if not part:
-                        break
-                    parts.append(part)
-                    got += len(part)
-                data = b"".join(parts)
+            parts: list[bytes] = []
+            got = 0
+            while got < want:
+                part = os.pread(fd, want - got, start + got)
+                if not part:
+                    break
+                parts.append(part)
+                got += len(part)
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
             if len(data) != want:
                 return f"short read: {len(data)} of {want} bytes at {start}"
+            if verify and _sha256_hex(data) != hx:
+                return "content does not match its digest"
             if start == 0 and end < size:
                 # Each read opens the file afresh, so the kernel sees no sequential
                 # pattern and reads just the slice, synchronously. A read from the start
                 # of a chunk usually goes on through it: ask for the rest now.
                 _willneed(fd, end, size - end)
             if time.time_ns() - st.st_mtime_ns > _TOUCH_INTERVAL_NS:
+                # Refresh the restart-time LRU order; failure (read-only fs) is harmless.
                 with contextlib.suppress(OSError):
                     os.utime(fd)
             return data
