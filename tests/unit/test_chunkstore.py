@@ -18,6 +18,7 @@ import pytest
 
 from alsd.chunkstore import ChunkStore
 from alsd.errors import IntegrityError, StoreError
+from tests.support.tmpfs import run, small_tmpfs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -431,25 +432,11 @@ async def test_not_open_raises(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- real full disk
 
 
-def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, check=False)
-
-
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 1 MiB tmpfs, so writes fail with a genuine ENOSPC."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = _run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt))
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "1m") as mnt:
         yield mnt
-    finally:
-        r = _run("umount", str(mnt))
-        assert r.returncode == 0, r.stderr
 
 
 async def test_full_disk_put_returns_false_and_store_stays_consistent(
@@ -481,21 +468,21 @@ async def test_full_disk_put_returns_false_and_store_stays_consistent(
         assert_consistent(s)
 
         # Room appears (the filesystem grows): storing works again, with one info line.
-        r = _run("mount", "-o", "remount,size=8m", str(small_fs))
+        r = run("mount", "-o", "remount,size=8m", str(small_fs))
         assert r.returncode == 0, r.stderr
         assert await s.put(dg(failed[0]), failed[0]) is True
         assert await s.get(dg(failed[0])) == failed[0]
         assert any("storing chunks again" in r.getMessage() for r in caplog.records)
 
         # A read-only filesystem (EROFS) is handled the same way.
-        r = _run("mount", "-o", "remount,ro", str(small_fs))
+        r = run("mount", "-o", "remount,ro", str(small_fs))
         assert r.returncode == 0, r.stderr
         assert await s.put(dg(failed[1]), failed[1]) is False
         assert await s.get(dg(stored[0])) == stored[0]
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 2
         assert_consistent(s)
-        r = _run("mount", "-o", "remount,rw", str(small_fs))
+        r = run("mount", "-o", "remount,rw", str(small_fs))
         assert r.returncode == 0, r.stderr
     finally:
         await s.close()

@@ -28,6 +28,7 @@ from alsd.metadata import (
     pack,
     unpack,
 )
+from tests.support.tmpfs import small_tmpfs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -321,25 +322,11 @@ def test_concurrent_saves_of_one_key_never_mix(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "meta" / "layer") == [ms.path_for("layer", "k").name]
 
 
-def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, check=False)
-
-
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 256 KiB tmpfs, so a save fails with a genuine ENOSPC."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = _run("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt))
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "256k") as mnt:
         yield mnt
-    finally:
-        r = _run("umount", str(mnt))
-        assert r.returncode == 0, r.stderr
 
 
 def test_failed_save_on_full_disk_keeps_old_file(small_fs: Path) -> None:
