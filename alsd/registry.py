@@ -669,10 +669,20 @@ class RegistryClient:
                 async with self._host(where).sem:
                     if counter is not None:
                         counter.add_request()
+                    t_sent = loop.time()
                     async with self._get_session().request(
                         method, tgt, headers=h, data=data, allow_redirects=False, timeout=timeout
                     ) as resp:
                         status = resp.status
+                        log.debug(
+                            "%s %s%s%s -> %d after %.0f ms",
+                            method,
+                            where,
+                            tgt.path,
+                            f" [{h['Range']}]" if "Range" in h else "",
+                            status,
+                            (loop.time() - t_sent) * 1000,
+                        )
                         if status == 401 and same_host:
                             await self._drain(resp, counter)
                             if reauthed:
