@@ -69,6 +69,7 @@ def status_document(
             "bytes_read": dict(stats.bytes_read),
             "uses": stats.uses,
             "releases": stats.releases,
+            "negative_lookups": stats.negative_lookups,
         }
     return doc
 
@@ -142,6 +143,12 @@ def metrics_text(doc: Mapping[str, Any]) -> str:
         "counter",
         "release notifications counted (RMDIR).",
         [("", fuse.get("releases"))],
+    )
+    family(
+        "alsd_fuse_negative_lookups_total",
+        "counter",
+        "Lookups of names absent from a layer, answered as cacheable negative entries.",
+        [("", fuse.get("negative_lookups"))],
     )
     layers = doc.get("layers") or []
     family("alsd_layers", "gauge", "Layers resolved and held in memory.", [("", len(layers))])

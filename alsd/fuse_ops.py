@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 # Layer content is immutable and the store's directories only gain children; the only
 # answers that may change (a layer that could not be served) are errors, which the kernel
-# does not cache. So a long timeout costs nothing and saves a round trip per path step.
+# does not cache (absent names inside diff/ are cached on purpose: see lookup). So a long
+# timeout costs nothing and saves a round trip per path step.
 CACHE_TIMEOUT_S = 3600.0
 BLOCK_SIZE = 4096
 
@@ -72,6 +73,7 @@ class FuseStats:
     bytes_read: Counter[str] = field(default_factory=Counter)  # by "diff" / "blob" / "info"
     uses: int = 0
     releases: int = 0
+    negative_lookups: int = 0  # absent names in diff/, answered as cacheable negatives
 
 
 def _handler(
@@ -122,6 +124,14 @@ def _handler(
                 ops.stats.errors[(op, errno.errorcode.get(err, str(err)))] += 1
 
     return wrapper
+
+
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    """A cacheable "no such name" (st_ino 0: the kernel keeps a negative dentry)."""
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = pyfuse3.InodeT(0)
+    e.entry_timeout = CACHE_TIMEOUT_S
+    return e
 
 
 def _erofs() -> FUSEError:
@@ -224,7 +234,11 @@ class Operations(pyfuse3.Operations):
         elif t.kind is Kind.DIFF:
             found = self.tree.lookup_in_diff(parent_inode, n, parent=t)
             if found is None:
-                raise FUSEError(errno.ENOENT)
+                # A layer's tree never changes: let the kernel remember the absence too.
+                # Interpreters probe many names that do not exist (Python tries several
+                # suffixes per import and path entry), each a round trip otherwise.
+                self.stats.negative_lookups += 1
+                return _negative_entry()
             ino = found
         else:
             raise FUSEError(errno.ENOTDIR)

@@ -382,6 +382,29 @@ def test_unknown_names_are_not_here(alsd: AlsdProcess, refs: dict[str, str]) -> 
         os.stat(good.parent / "sha256:xyz")
 
 
+def test_absent_names_in_diff_are_remembered_by_the_kernel(
+    alsd: AlsdProcess, refs: dict[str, str], layout: OciLayout
+) -> None:
+    # Absent names inside a layer are answered as negative entries the kernel caches:
+    # the second stat of the same name must not reach alsd. Names outside diff/ (an
+    # unresolved layer, "use") stay uncached errors, see the two tests above.
+    diff = alsd.layer_dir(refs["esgz"], layout.image("esgz").layers[0].digest) / "diff"
+    assert diff.is_dir()
+
+    def counts() -> tuple[int, int]:
+        fuse = alsd.status()["fuse"]
+        return fuse["requests"].get("lookup", 0), fuse["negative_lookups"]
+
+    lookups0, neg0 = counts()
+    for _ in range(2):
+        with pytest.raises(FileNotFoundError):
+            os.stat(diff / "no-such-name.cpython-311.so")
+    lookups1, neg1 = counts()
+    assert neg1 == neg0 + 1
+    assert lookups1 == lookups0 + 1
+    assert "no-such-name.cpython-311.so" not in os.listdir(diff)
+
+
 def test_other_users_can_neither_list_nor_read(
     alsd: AlsdProcess, refs: dict[str, str], layout: OciLayout
 ) -> None:
