@@ -46,6 +46,7 @@ if str(REPO) not in sys.path:
 
 from bench import registry as reg  # noqa: E402
 from bench import workloads as wl  # noqa: E402
+from bench.pagecache import large_folio_share  # noqa: E402
 from bench.wanproxy import WanProxy  # noqa: E402
 from tests.support.daemon import AlsdProcess, start_alsd  # noqa: E402
 from tests.support.podman import PodmanEnv, parse_version  # noqa: E402
@@ -383,6 +384,7 @@ class Bench:
         local = local_dir / "big.bin"
         size = local.stat().st_size
         sec["size"] = size
+        sec["pagecache_reads"] = PAGECACHE_READS
         names = ["cold", "chunkstore", "pagecache", "local_disk", "local_pagecache"]
         stats = {n: Stat() for n in names}
         bytes_cold = Stat()
@@ -405,6 +407,7 @@ class Bench:
                 t, _ = timed(partial(read_file, path))
                 stats["chunkstore"].add(size / t)
                 stats["pagecache"].add(size / _steady_read_s(path))
+                sec["large_folios"] = large_folio_share(path)
             except Exception as exc:
                 stats["cold"].errors.append(str(exc)[:300])
                 self.fail("read throughput", exc, als)
@@ -417,6 +420,7 @@ class Bench:
             t, _ = timed(lambda: read_file(local))
             stats["local_disk"].add(size / t)
             stats["local_pagecache"].add(size / _steady_read_s(local))
+            sec["local_large_folios"] = large_folio_share(local)
         shutil.rmtree(local_dir, ignore_errors=True)
         sec.update(stats)
         sec["bytes_cold"] = bytes_cold
@@ -442,8 +446,14 @@ class Bench:
                 drop_caches()
                 t, entries = timed(partial(count_find, diff))
                 stats["first"].add(t)
+                before = als.status()["fuse"]["requests"]
                 t, _ = timed(partial(count_find, diff))
                 stats["second"].add(t)
+                after = als.status()["fuse"]["requests"]
+                # The status request itself is not a FUSE request: this is the pass alone.
+                sec["second_requests"] = {
+                    op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0)
+                }
             except Exception as exc:
                 stats["first"].errors.append(str(exc)[:300])
                 self.fail("metadata", exc, als)
