@@ -88,6 +88,14 @@ _STATE_VERSION = 1
 _ENC = "utf-8"
 _ERRORS = "surrogatepass"
 
+# Module-level aliases for the builder's hot paths: on Python 3.11 ``EntryKind.DIR`` is a
+# descriptor lookup, several times slower than a global.
+_DIR = EntryKind.DIR
+_REG = EntryKind.REG
+_SYMLINK = EntryKind.SYMLINK
+_HARDLINK = EntryKind.HARDLINK
+_DEVICES = (EntryKind.CHAR, EntryKind.BLOCK)
+
 _TYPES = {
     "dir": EntryKind.DIR,
     "reg": EntryKind.REG,
@@ -128,8 +136,11 @@ def normalize_name(name: str, *, what: str = "entry") -> str:
         raise FormatError(f"{what} {name!r}: absolute name")
     if "\x00" in name:
         raise FormatError(f"{what} {name!r}: NUL byte in name")
+    parts = name.split("/")
+    if ".." not in parts:  # the common case: only "" and "." parts to drop
+        return "/".join([part for part in parts if part and part != "."])
     out: list[str] = []
-    for part in name.split("/"):
+    for part in parts:
         if part in ("", "."):
             continue
         if part == "..":
@@ -153,19 +164,18 @@ def parse_rfc3339_ns(value: str, *, entry: str = "") -> int:
     m = _RFC3339.match(value)
     if m is None:
         raise FormatError(f"entry {entry!r}: bad modtime {value!r}")
-    year, month, day, hh, mm, ss = (int(m.group(i)) for i in range(1, 7))
+    year_s, month, day, hh, mm, ss, frac, tz = m.groups()
+    year = int(year_s)
     if year <= 1:
         return 0
-    frac = (m.group(7) or "").ljust(9, "0")
-    tz = m.group(8)
     try:
-        secs = calendar.timegm((year, month, day, hh, mm, ss, 0, 0, 0))
+        secs = calendar.timegm((year, int(month), int(day), int(hh), int(mm), int(ss), 0, 0, 0))
     except (ValueError, OverflowError) as exc:
         raise FormatError(f"entry {entry!r}: bad modtime {value!r}") from exc
     if tz not in ("Z", "z"):
         sign = 1 if tz[0] == "+" else -1
         secs -= sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
-    return secs * 1_000_000_000 + int(frac)
+    return secs * 1_000_000_000 + (int(frac.ljust(9, "0")) if frac else 0)
 
 
 class LayerIndex:
@@ -492,6 +502,7 @@ class _Node:
         "mode",
         "mtime",
         "name",
+        "nid",
         "nlink",
         "rdev",
         "size",
@@ -516,10 +527,13 @@ class _Node:
         self.chunks: list[tuple[int, int, int, int, bytes, bool]] = []
         self.end_offset = -1
         self.implicit = False
+        self.nid = -1  # number in the finished index, set by _Builder.finish
 
 
 def _int(e: Mapping[str, Any], key: str, name: str) -> int:
     v: object = e.get(key, 0)
+    if type(v) is int:  # fast path; bool is a subclass of int, not int itself
+        return v
     if v is None:
         return 0
     if isinstance(v, bool) or not isinstance(v, int):
@@ -529,11 +543,17 @@ def _int(e: Mapping[str, Any], key: str, name: str) -> int:
 
 def _str(e: Mapping[str, Any], key: str, name: str) -> str:
     v = e.get(key, "")
+    if type(v) is str:  # fast path
+        return v
     if v is None:
         return ""
     if not isinstance(v, str):
         raise FormatError(f"entry {name!r}: {key} is not a string: {v!r}")
     return v
+
+
+def _file_offset(chunk: tuple[int, int, int, int, bytes, bool]) -> int:
+    return chunk[0]
 
 
 def _digest32(value: str, name: str, key: str) -> bytes:
@@ -570,7 +590,7 @@ def build_index(
 class _Builder:
     def __init__(self, payload_end: int) -> None:
         self.payload_end = payload_end
-        self.root = _Node(EntryKind.DIR, "")
+        self.root = _Node(_DIR, "")
         self.root.implicit = True
         self.last_reg: _Node | None = None
         self.last_reg_name = ""
@@ -581,19 +601,28 @@ class _Builder:
         self.prefetch_end = 0
         self.entry_count = 0
         self.extra_starts: set[int] = set()
+        # Many entries share a modtime: parse each distinct string once.
+        self._mtimes: dict[str, int] = {}
+        # Directory nodes by path.  A directory, once in the tree, is never replaced (only
+        # non-directories are), so a hit is what walking from the root would find.
+        self._dirs: dict[str, _Node] = {"": self.root}
 
     # walking/creating directories
     def _dir(self, path: str, full: str) -> _Node:
+        node = self._dirs.get(path)
+        if node is not None:
+            return node
         node = self.root
         for part in path.split("/") if path else []:
             child = node.children.get(part)
             if child is None:
-                child = _Node(EntryKind.DIR, f"{node.name}/{part}" if node.name else part)
+                child = _Node(_DIR, f"{node.name}/{part}" if node.name else part)
                 child.implicit = True
                 node.children[part] = child
-            elif child.kind != EntryKind.DIR:
+            elif child.kind != _DIR:
                 raise FormatError(f"entry {full!r}: parent {part!r} is not a directory")
             node = child
+        self._dirs[path] = node
         return node
 
     def _lookup(self, path: str) -> _Node | None:
@@ -614,8 +643,15 @@ class _Builder:
         node.gid = _int(e, "gid", name)
         if node.uid < 0 or node.gid < 0 or node.uid > 0xFFFFFFFF or node.gid > 0xFFFFFFFF:
             raise FormatError(f"entry {name!r}: uid/gid out of range")
-        node.mtime = parse_rfc3339_ns(_str(e, "modtime", name), entry=name)
-        xattrs = e.get("xattrs") or {}
+        modtime = _str(e, "modtime", name)
+        mtime = self._mtimes.get(modtime)
+        if mtime is None:
+            mtime = self._mtimes[modtime] = parse_rfc3339_ns(modtime, entry=name)
+        node.mtime = mtime
+        xattrs = e.get("xattrs")
+        if not xattrs:
+            node.xattrs = {}
+            return
         if not isinstance(xattrs, dict):
             raise FormatError(f"entry {name!r}: xattrs is not an object")
         node.xattrs = {}
@@ -645,7 +681,7 @@ class _Builder:
         parent_path, _, base = name.rpartition("/")
         self.last_reg = None  # "chunk" entries continue only the reg entry just before
         if name == "":
-            if kind != EntryKind.DIR:
+            if kind != _DIR:
                 raise FormatError(f"entry {raw_name!r}: the root must be a directory")
             self._attrs(self.root, e, raw_name)
             self.root.implicit = False
@@ -677,7 +713,7 @@ class _Builder:
             self._dir(parent_path, raw_name)
             self.whiteouts.append((parent_path, target, e))
             return
-        if kind == EntryKind.HARDLINK:
+        if kind == _HARDLINK:
             link = _str(e, "linkName", raw_name)
             if not link:
                 raise FormatError(f"entry {raw_name!r}: hardlink without a target")
@@ -691,7 +727,7 @@ class _Builder:
                     f"entry {raw_name!r}: duplicate name with conflicting types "
                     f"({node.kind.name.lower()} and {typ})"
                 )
-            if kind != EntryKind.DIR:
+            if kind != _DIR:
                 # Like tar extraction: a later entry of the same type replaces the earlier.
                 fresh = _Node(kind, name)
                 parent.children[base] = node = fresh
@@ -700,15 +736,15 @@ class _Builder:
             node = _Node(kind, name)
             parent.children[base] = node
         self._attrs(node, e, raw_name)
-        if kind == EntryKind.SYMLINK:
+        if kind == _SYMLINK:
             node.link = _str(e, "linkName", raw_name)
             node.size = len(node.link.encode(_ENC, _ERRORS))
-        elif kind in (EntryKind.CHAR, EntryKind.BLOCK):
+        elif kind in _DEVICES:
             major, minor = _int(e, "devMajor", raw_name), _int(e, "devMinor", raw_name)
             if not (0 <= major <= 0xFFFFFFFF and 0 <= minor <= 0xFFFFFFFF):
                 raise FormatError(f"entry {raw_name!r}: device numbers out of range")
             node.rdev = (major, minor)
-        elif kind == EntryKind.REG:
+        elif kind == _REG:
             size = _int(e, "size", raw_name)
             if size < 0:
                 raise FormatError(f"entry {raw_name!r}: negative size")
@@ -766,7 +802,7 @@ class _Builder:
             tnode = self._lookup(target)
             if tnode is None:
                 raise FormatError(f"entry {name!r}: hardlink target {target!r} is missing")
-            if tnode.kind != EntryKind.REG:
+            if tnode.kind != _REG:
                 raise FormatError(
                     f"entry {name!r}: hardlink target {target!r} is a "
                     f"{tnode.kind.name.lower()}, not a regular file"
@@ -795,9 +831,10 @@ class _Builder:
         starts: set[int] = {o for o in self.extra_starts if o > 0}
         members: dict[int, list[tuple[int, int, str]]] = {}
         for n in nodes:
-            if n.kind != EntryKind.REG:
+            if n.kind != _REG:
                 continue
-            n.chunks.sort(key=lambda c: c[0])
+            if len(n.chunks) > 1:
+                n.chunks.sort(key=_file_offset)
             pos = 0
             for file_off, size, blob_off, inner, _, _ in n.chunks:
                 if file_off < pos:
@@ -829,92 +866,76 @@ class _Builder:
                         raise FormatError(f"entry {name!r}: chunk overlaps another chunk")
         self._starts = sorted(starts)
 
-    def _fetch_end(self, n: _Node, i: int) -> int:
-        blob_off = n.chunks[i][2]
-        if i == len(n.chunks) - 1 and n.end_offset >= 0:
-            return n.end_offset  # c/storage records where the file's last frame ends
-        # eStargz nextOffset: the next payload member start (or the TOC's start).
-        j = bisect.bisect_right(self._starts, blob_off)
-        return self._starts[j] if j < len(self._starts) else self.payload_end
-
     def finish(
         self, *, format: LayerFormat, toc_digest: str, verified: bool, blob_size: int
     ) -> LayerIndex:
         self._resolve()
-        # Breadth-first numbering; each dir's children form one run of dirents.
+        # Breadth-first numbering; each dir's children form one run of dirents.  A node's
+        # number is its position in ``order``; hardlinks reach a node twice, so ``nid``
+        # (-1 until numbered) keeps it from being numbered again.
         order: list[_Node] = [self.root]
-        ids: dict[int, int] = {id(self.root): 0}
+        self.root.nid = 0
         parent_of: list[int] = [_NO_PARENT]
         name_ent: list[int] = [_NO_PARENT]
-        child_count: list[int] = [0] * 1
-        ent_node = array("I")
-        name_off = array("I", [0])
+        child_count: list[int] = [0]
+        ent_node: list[int] = []
+        name_off: list[int] = [0]
         names = bytearray()
-        qi = 0
-        while qi < len(order):
-            d = order[qi]
-            qi += 1
-            if d.kind != EntryKind.DIR:
+        for d_id, d in enumerate(order):  # ``order`` grows while it is walked: a BFS queue
+            if d.kind != _DIR:
                 continue
-            d_id = ids[id(d)]
-            kids = sorted(
-                ((k.encode(_ENC, _ERRORS), v) for k, v in d.children.items()),
-                key=lambda kv: kv[0],
-            )
-            child_count[d_id] = len(kids)
-            for kb, child in kids:
-                cid = ids.get(id(child))
-                ent = len(ent_node)
-                if cid is None:
-                    cid = len(order)
-                    ids[id(child)] = cid
+            children = d.children
+            child_count[d_id] = len(children)
+            # UTF-8 (with surrogatepass too) preserves code point order, so sorting the str
+            # names sorts them by their bytes.
+            for k in sorted(children):
+                child = children[k]
+                cid = child.nid
+                if cid < 0:
+                    cid = child.nid = len(order)
                     order.append(child)
                     parent_of.append(d_id)
-                    name_ent.append(ent)
+                    name_ent.append(len(ent_node))
                     child_count.append(0)
                 child.nlink += 1
                 ent_node.append(cid)
-                names += kb
+                names += k.encode(_ENC, _ERRORS)
                 name_off.append(len(names))
-        # Dirent runs were appended in increasing dir id order, so a prefix sum works.
-        n = len(order)
-        cols: dict[str, array[int]] = {k: array(code) for k, code in _NODE_COLS.items()}
-        pos = 0
-        for i in range(n):
-            cols["child_start"].append(pos)
-            pos += child_count[i]
-        cols["child_start"].append(pos)
         self._finish_chunks(order)
-        c_cols: dict[str, array[int]] = {k: array(code) for k, code in _CHUNK_COLS.items()}
+        subdirs = [0] * len(order)
+        for i in range(1, len(order)):
+            if order[i].kind == _DIR:
+                subdirs[parent_of[i]] += 1
+        chunk_start: list[int] = []
+        c_file_off: list[int] = []
+        c_blob_off: list[int] = []
+        c_inner: list[int] = []
+        c_fetch_end: list[int] = []
         c_digest = bytearray()
         c_zeros = bytearray()
-        link_nodes, link_off, link_blob = array("I"), array("I", [0]), bytearray()
+        link_nodes: list[int] = []
+        link_off: list[int] = [0]
+        link_blob = bytearray()
         rdev: dict[int, tuple[int, int]] = {}
         xattrs: dict[int, dict[str, bytes]] = {}
-        subdirs = [0] * n
-        for i in range(1, n):
-            if order[i].kind == EntryKind.DIR:
-                subdirs[parent_of[i]] += 1
+        starts = self._starts
         for i, node in enumerate(order):
-            cols["kind"].append(int(node.kind))
-            cols["mode"].append(node.mode)
-            cols["uid"].append(node.uid)
-            cols["gid"].append(node.gid)
-            cols["size"].append(node.size)
-            cols["mtime"].append(node.mtime)
-            nlink = 2 + subdirs[i] if node.kind == EntryKind.DIR else node.nlink
-            cols["nlink"].append(nlink)
-            cols["parent"].append(parent_of[i])
-            cols["name_ent"].append(name_ent[i])
-            cols["chunk_start"].append(len(c_cols["c_file_off"]))
+            chunk_start.append(len(c_file_off))
+            last = len(node.chunks) - 1
             for j, (file_off, _size, blob_off, inner, dig, zeros) in enumerate(node.chunks):
-                c_cols["c_file_off"].append(file_off)
-                c_cols["c_blob_off"].append(blob_off)
-                c_cols["c_inner"].append(inner)
-                c_cols["c_fetch_end"].append(self._fetch_end(node, j))
+                c_file_off.append(file_off)
+                c_blob_off.append(blob_off)
+                c_inner.append(inner)
+                if j == last and node.end_offset >= 0:
+                    # c/storage records where the file's last frame ends.
+                    c_fetch_end.append(node.end_offset)
+                else:
+                    # eStargz nextOffset: the next payload member start (or the TOC's start).
+                    nxt = bisect.bisect_right(starts, blob_off)
+                    c_fetch_end.append(starts[nxt] if nxt < len(starts) else self.payload_end)
                 c_digest += dig
                 c_zeros.append(1 if zeros else 0)
-            if node.kind == EntryKind.SYMLINK:
+            if node.kind == _SYMLINK:
                 link_nodes.append(i)
                 link_blob += node.link.encode(_ENC, _ERRORS)
                 link_off.append(len(link_blob))
@@ -922,7 +943,28 @@ class _Builder:
                 rdev[i] = node.rdev
             if node.xattrs:
                 xattrs[i] = node.xattrs
-        cols["chunk_start"].append(len(c_cols["c_file_off"]))
+        chunk_start.append(len(c_file_off))
+        node_values: dict[str, list[int]] = {
+            "kind": [nd.kind for nd in order],
+            "mode": [nd.mode for nd in order],
+            "uid": [nd.uid for nd in order],
+            "gid": [nd.gid for nd in order],
+            "size": [nd.size for nd in order],
+            "mtime": [nd.mtime for nd in order],
+            "nlink": [
+                2 + subdirs[i] if nd.kind == _DIR else nd.nlink for i, nd in enumerate(order)
+            ],
+            "parent": parent_of,
+            "name_ent": name_ent,
+            "child_start": list(itertools.accumulate(child_count, initial=0)),
+            "chunk_start": chunk_start,
+        }
+        chunk_values = {
+            "c_file_off": c_file_off,
+            "c_blob_off": c_blob_off,
+            "c_inner": c_inner,
+            "c_fetch_end": c_fetch_end,
+        }
         idx = LayerIndex()
         idx.format = format
         idx.toc_digest = toc_digest
@@ -931,9 +973,15 @@ class _Builder:
         idx.prefetch = self.prefetch
         idx.prefetch_end = self.prefetch_end
         idx.entry_count = self.entry_count
-        idx._cols = {**cols, **c_cols, "ent_node": ent_node, "name_off": name_off}
-        idx._cols["link_nodes"] = link_nodes
-        idx._cols["link_off"] = link_off
+        # The key order is that of to_state()'s "cols".
+        idx._cols = {
+            **{k: array(code, node_values[k]) for k, code in _NODE_COLS.items()},
+            **{k: array(code, chunk_values[k]) for k, code in _CHUNK_COLS.items()},
+            "ent_node": array(_ENT_COLS["ent_node"], ent_node),
+            "name_off": array(_ENT_COLS["name_off"], name_off),
+            "link_nodes": array(_LINK_COLS["link_nodes"], link_nodes),
+            "link_off": array(_LINK_COLS["link_off"], link_off),
+        }
         idx._names = bytes(names)
         idx._c_digest = bytes(c_digest)
         idx._c_zeros = bytes(c_zeros)

@@ -197,9 +197,25 @@ def test_rfc3339() -> None:
         parse_rfc3339_ns("1970-13-45T00:00:00Z")
 
 
+def test_shared_modtimes() -> None:
+    t = "1970-01-01T00:00:01.5Z"
+    index = build([{"name": n, "type": "dir", "modtime": t} for n in ("a", "b")])
+    assert [index.attr(node).mtime_ns for _, node in index.readdir(0)] == [1_500_000_000] * 2
+    bad = "1970-13-45T00:00:00Z"  # a bad modtime is reported for every entry that has it
+    with pytest.raises(FormatError, match="'b'"):
+        build([{"name": "a", "type": "dir"}, {"name": "b", "type": "dir", "modtime": bad}])
+    with pytest.raises(FormatError, match="'a'"):
+        build([{"name": "a", "type": "dir", "modtime": bad}, {"name": "b", "type": "dir"}])
+
+
 def test_unicode_names_sort_by_bytes() -> None:
     index = build(
-        [{"name": n, "type": "dir"} for n in ("é", "z", "a", "\udc80")]  # lone surrogate too
+        # A lone surrogate too, and its neighbours: the builder sorts the str names, which
+        # must give the order of their UTF-8 (surrogatepass) bytes.
+        [
+            {"name": n, "type": "dir"}
+            for n in ("é", "z", "a", "\udc80", "\ud7ff", "\ue000", "\uffff", "\U0001f600")
+        ]
     )
     names = [n for n, _ in index.readdir(0)]
     assert names == sorted(names, key=lambda s: s.encode("utf-8", "surrogatepass"))
