@@ -34,7 +34,7 @@ import sys
 import tarfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -189,6 +189,14 @@ class ColdResult:
     bytes_run: Stat = field(default_factory=Stat)
     bytes_total: Stat = field(default_factory=Stat)
     rss: Stat = field(default_factory=Stat)
+
+
+@dataclass
+class AlsdSession:
+    """One repetition's directory and the alsd running in it (see Bench.alsd_session)."""
+
+    dir: Path
+    als: AlsdProcess | None = None
 
 
 class Bench:
@@ -390,10 +398,8 @@ class Bench:
         bytes_cold = Stat()
         assert self.proxy is not None
         for _ in range(self.args.reps):
-            d = self.fresh_dir("r")
-            als = None
-            try:
-                als = self.alsd(d)
+            with self.alsd_session("r", "read throughput", stats["cold"].errors) as s:
+                als = s.als = self.alsd(s.dir)
                 layer = als.layer_dir(self.ref("bigfile", "esgz"), b.digest)
                 path = layer / "diff" / "big.bin"
                 os.stat(layer / "diff")  # resolve the layer (TOC) outside the timing
@@ -408,14 +414,6 @@ class Bench:
                 stats["chunkstore"].add(size / t)
                 stats["pagecache"].add(size / _steady_read_s(path))
                 sec["large_folios"] = large_folio_share(path)
-            except Exception as exc:
-                stats["cold"].errors.append(str(exc)[:300])
-                self.fail("read throughput", exc, als)
-            finally:
-                if als is not None:
-                    with contextlib.suppress(Exception):
-                        als.cleanup()
-                shutil.rmtree(d, ignore_errors=True)
             drop_caches()
             t, _ = timed(lambda: read_file(local))
             stats["local_disk"].add(size / t)
@@ -436,10 +434,8 @@ class Bench:
         entries = 0
         local = wl.rootfs(self.cache, w)
         for _ in range(self.args.reps):
-            d = self.fresh_dir("m")
-            als = None
-            try:
-                als = self.alsd(d)
+            with self.alsd_session("m", "metadata", stats["first"].errors) as s:
+                als = s.als = self.alsd(s.dir)
                 diff = als.layer_dir(self.ref(w.name, "esgz"), digest) / "diff"
                 t, _ = timed(partial(os.stat, diff))
                 stats["lookup"].add(t)
@@ -454,14 +450,6 @@ class Bench:
                 sec["second_requests"] = {
                     op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0)
                 }
-            except Exception as exc:
-                stats["first"].errors.append(str(exc)[:300])
-                self.fail("metadata", exc, als)
-            finally:
-                if als is not None:
-                    with contextlib.suppress(Exception):
-                        als.cleanup()
-                shutil.rmtree(d, ignore_errors=True)
             drop_caches()
             t, n_local = timed(lambda: count_find(local))
             stats["local_first"].add(t)
@@ -495,10 +483,8 @@ class Bench:
         rss_loaded = Stat()
         rss_restarted = Stat()
         for _ in range(max(1, min(self.args.reps, 3))):
-            d = self.fresh_dir("s")
-            als = None
-            try:
-                als = self.alsd(d, RESTART_SETTINGS)
+            with self.alsd_session("s", "restart", stats["first_lookup"].errors) as s:
+                als = s.als = self.alsd(s.dir, RESTART_SETTINGS)
                 time.sleep(0.5)  # let start-up allocations settle before the baseline
                 rss_idle.add(rss_bytes(als.proc.pid))
                 for b in blobs:
@@ -508,7 +494,7 @@ class Bench:
                 als.stop()
                 self.proxy.reset()
                 t0 = time.monotonic()
-                als = self.alsd(d, RESTART_SETTINGS, wait=False)
+                als = s.als = self.alsd(s.dir, RESTART_SETTINGS, wait=False)
                 first = als.layer_dir(ref, blobs[0].digest) / "diff"
                 t_mount = None
                 deadline = t0 + 60
@@ -534,14 +520,6 @@ class Bench:
                 for b in blobs:
                     os.listdir(als.layer_dir(ref, b.digest) / "diff")
                 rss_restarted.add(rss_bytes(als.proc.pid))
-            except Exception as exc:
-                stats["first_lookup"].errors.append(str(exc)[:300])
-                self.fail("restart", exc, als)
-            finally:
-                if als is not None:
-                    with contextlib.suppress(Exception):
-                        als.cleanup()
-                shutil.rmtree(d, ignore_errors=True)
         sec.update(stats)
         sec["bytes"] = bytes_restart
         sec["connections"] = conns_restart
@@ -556,6 +534,23 @@ class Bench:
             sec["index_memory"] = out.strip()
         except Exception as exc:
             sec["index_memory"] = f"failed: {exc}"
+
+    @contextlib.contextmanager
+    def alsd_session(self, prefix: str, what: str, errors: list[str]) -> Iterator[AlsdSession]:
+        """A fresh directory for one repetition with alsd: whatever fails inside is recorded
+        (in ``errors`` and the report's failures) and the run goes on; alsd (``.als``,
+        which the body sets and may replace) is stopped and the directory removed."""
+        s = AlsdSession(self.fresh_dir(prefix))
+        try:
+            yield s
+        except Exception as exc:
+            errors.append(str(exc)[:300])
+            self.fail(what, exc, s.als)
+        finally:
+            if s.als is not None:
+                with contextlib.suppress(Exception):
+                    s.als.cleanup()
+            shutil.rmtree(s.dir, ignore_errors=True)
 
     def fail(self, what: str, exc: BaseException, als: AlsdProcess | None = None) -> None:
         msg = f"{what}: {type(exc).__name__}: {str(exc).strip()[:400]}"
