@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from alsd.convert import with_runtime_files  # noqa: E402
 from bench import registry as reg  # noqa: E402
 from bench import workloads as wl  # noqa: E402
 from bench.pagecache import large_folio_share  # noqa: E402
@@ -297,7 +298,9 @@ class Bench:
         self._push_esgz(w, "esgz", noopt)
         facts["esgz_size"] = noopt.size
         facts["esgz_digest"] = noopt.digest
-        traced = wl.traced_files(self.cache, w)
+        # What `alsd convert --prioritize-from <trace>` would prioritise: the traced files
+        # behind the ones the runtime reads while it creates the container.
+        traced = list(with_runtime_files(wl.traced_files(self.cache, w)))
         facts["traced_files"] = len(traced)
         facts["traced_bytes"] = wl.trace_bytes(self.cache, w, traced)
         prio = wl.estargz_blob(self.cache, w.name, tar, traced)

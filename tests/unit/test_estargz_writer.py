@@ -529,3 +529,56 @@ def test_reconverting_ctr_remote_layers(fixtures: Path, tag: str) -> None:
         mine = [{k: v for k, v in vars(n).items() if k != "node"} for n in own_tree.values()]
         assert list(own_tree) == list(ref_tree)
         assert mine == strip
+
+
+def _tar_with(names: list[str]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        dirs = sorted(
+            {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 1)}
+        )
+        for d in dirs:
+            ti = tarfile.TarInfo(d)
+            ti.type = tarfile.DIRTYPE
+            ti.mode = 0o755
+            tf.addfile(ti)
+        for name in names:
+            data = name.encode() * 3
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_convert_prioritises_the_files_the_runtime_reads_first() -> None:
+    from alsd.convert import RUNTIME_FILES, with_runtime_files
+
+    # The order alsd convert asks for: runtime files, then the user's list (normalised,
+    # without duplicates); nothing asked for stays nothing (no landmark, no prefetch).
+    assert with_runtime_files([]) == ()
+    assert with_runtime_files(["/usr/bin/app", "etc/passwd", "usr/bin/app"]) == (
+        *RUNTIME_FILES,
+        "usr/bin/app",
+    )
+    tar = _tar_with(["usr/bin/app", "etc/group", "etc/passwd", "etc/other"])
+    blob = write_estargz(
+        tar, prioritized=with_runtime_files(["usr/bin/app"]), allow_missing_prioritized=True
+    ).blob
+    names = [e["name"] for e in json.loads(toc_of(blob)[0])["entries"] if e["type"] == "reg"]
+    assert names[:3] == ["etc/passwd", "etc/group", "usr/bin/app"]
+    index, _ = read_layer(blob, {})
+    assert index.prefetch == "landmark"
+    for path in ("etc/passwd", "etc/group", "usr/bin/app"):
+        node = index.find(path)
+        assert node is not None
+        assert all(c.fetch_end <= index.prefetch_end for c in index.chunks(node))
+    other = index.find("etc/other")
+    assert other is not None
+    assert all(c.blob_offset >= index.prefetch_end for c in index.chunks(other))
+    # A layer without them (the usual upper layer) converts all the same.
+    plain = write_estargz(
+        _tar_with(["usr/bin/app"]),
+        prioritized=with_runtime_files(["usr/bin/app"]),
+        allow_missing_prioritized=True,
+    ).blob
+    assert read_layer(plain, {})[0].prefetch == "landmark"
