@@ -103,6 +103,13 @@ class FetchConfig:
         "neighbouring byte ranges closer than this are fetched with one range request",
         _non_negative,
     )
+    readahead_bytes: int = _setting(
+        512 * 1024,
+        "when a read has to fetch from the registry, also fetch this many bytes of the "
+        "layer that follow it (the next files in the layer, which programs tend to read "
+        "next), in a request of its own; 0 turns it off",
+        _non_negative,
+    )
 
 
 @dataclass(frozen=True)
@@ -322,6 +329,7 @@ def _engine_kwargs(cfg: Config) -> dict[str, Any]:
         "fetch_concurrency": cfg.fetch.concurrency,
         "resolve_timeout_s": cfg.fetch.resolve_timeout_s,
         "merge_gap_bytes": cfg.fetch.merge_gap_bytes,
+        "readahead_bytes": cfg.fetch.readahead_bytes,
         "prefetch_landmark": cfg.prefetch.landmark,
         "prefetch_background": cfg.prefetch.background,
         "release_grace_s": cfg.layers.release_grace_s,

@@ -12,7 +12,10 @@ Sits between the filesystem (tree/fuse_ops) and the registry client. It
   longer than ``resolve_timeout_s``, and once one lookup of an image timed out, the
   others answer at once until that resolution ends;
 * serves file reads through the :class:`~alsd.fetcher.Fetcher` (chunk store first, then
-  coalesced, verified range reads) and raw blob reads for the ``blob`` file;
+  coalesced, verified range reads) and raw blob reads for the ``blob`` file; a read that
+  has to go to the registry also reads ahead: the ``readahead_bytes`` of the blob that
+  follow it are fetched in a request of their own (files next to each other in a layer
+  tend to be read together: a package's modules, a library and its data);
 * starts the landmark prefetch and the background fetch of each resolved layer
   (:mod:`alsd.scheduler` keeps on-demand reads first);
 * counts use/release and drops a layer from memory ``release_grace_s`` after its count
@@ -30,6 +33,7 @@ developer-notes/concurrency.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -85,6 +89,7 @@ class EngineSettings:
     fetch_concurrency: int = 4
     resolve_timeout_s: float = 30.0
     merge_gap_bytes: int = 64 << 10
+    readahead_bytes: int = 512 << 10
     max_request_bytes: int = 8 << 20
     max_ranges_per_request: int = 16
     prefetch_landmark: bool = True
@@ -206,6 +211,8 @@ class EngineStats:
     read_bytes: int = 0
     read_errors: int = 0
     read_latency_sum_s: float = 0.0
+    readahead_requests: int = 0  # read-ahead fetches started (each one request or fewer)
+    readahead_errors: int = 0
     metadata_discarded: int = 0
 
 
@@ -756,9 +763,13 @@ class Engine:
             out = await self._read_stored(layer, node, chunks, offset, end)
             if out is None:
                 with self.scheduler.demand():
-                    got = await self.fetcher.get_chunks(
+                    fetch = self.fetcher.get_chunks(
                         layer.source, [(node, c) for c in chunks], Priority.DEMAND
                     )
+                    # The read-ahead task runs after this read has registered its chunks
+                    # and before the fetcher flushes them: both requests go out together.
+                    self._read_ahead(layer, chunks)
+                    got = await fetch
                 out = _assemble(layer, node, chunks, got, offset, end)
         except AlsdError:
             self.stats.read_errors += 1
@@ -768,6 +779,50 @@ class Engine:
         self.stats.read_bytes += len(out)
         layer.source.stats.bytes_served += len(out)
         return out
+
+    def _read_ahead(self, layer: Layer, chunks: Sequence[Chunk]) -> None:
+        """Start fetching the ``readahead_bytes`` of the blob that follow ``chunks``.
+
+        Called when a read misses the store; the chunks that follow in the blob belong to
+        the next files of the layer (tar order), which a starting program tends to read
+        next (Python's modules, a library's neighbours). They are fetched in a request of
+        their own, at prefetch priority, so the read that missed is not delayed by them;
+        a later read of one of them joins the fetch in flight. Not while the landmark
+        prefetch is still fetching the region the read is in: those chunks come anyway.
+        Errors only cost the read-ahead (the chunks are fetched again when read).
+        """
+        n = self.settings.readahead_bytes
+        if n <= 0 or not chunks or self._closed:
+            return
+        end = max(c.fetch_end for c in chunks)
+        idx = layer.index
+        if layer.prefetch_state in ("pending", "running") and end <= idx.prefetch_end:
+            return
+        limit = end + n
+        ahead: list[tuple[int, Chunk]] = []
+        for node, c in idx.iter_chunks(end):
+            if c.fetch_end > limit:
+                break
+            if not c.zeros and not self._store.has(c.digest):
+                ahead.append((node, c))
+        if not ahead:
+            return
+        self.stats.readahead_requests += 1
+        task = asyncio.get_running_loop().create_task(self._fetch_ahead(layer, ahead))
+        layer._tasks.append(task)
+        task.add_done_callback(lambda t: _discard(layer._tasks, t))
+
+    async def _fetch_ahead(self, layer: Layer, ahead: list[tuple[int, Chunk]]) -> None:
+        n = self.settings.readahead_bytes
+        try:
+            await self.fetcher.get_chunks(
+                layer.source, ahead, Priority.PREFETCH, keep=False,
+                merge_gap_bytes=n, max_request_bytes=n,
+            )  # fmt: skip
+        except AlsdError as exc:
+            # The fetcher logged it; a later read fetches those chunks itself.
+            self.stats.readahead_errors += 1
+            log.debug("%s: read-ahead failed: %s", layer.source.name, exc)
 
     async def _read_stored(
         self, layer: Layer, node: int, chunks: Sequence[Chunk], offset: int, end: int
@@ -998,6 +1053,11 @@ class Engine:
 
 
 # ==================================================================== helpers
+
+
+def _discard(tasks: list[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+    with contextlib.suppress(ValueError):
+        tasks.remove(task)
 
 
 def _fresh(exc: AlsdError) -> AlsdError:

@@ -192,6 +192,7 @@ class LayerIndex:
     entry_count: int  # TOC entries (not counting "chunk" continuation entries)
 
     __slots__ = (
+        "_blob_order",
         "_c_digest",
         "_c_zeros",
         "_cols",
@@ -216,6 +217,7 @@ class LayerIndex:
         self._link_blob = b""
         self._rdev: dict[int, tuple[int, int]] = {}
         self._xattrs: dict[int, dict[str, bytes]] = {}
+        self._blob_order: array[int] | None = None
 
     # -- tree -------------------------------------------------------------------------
 
@@ -356,13 +358,27 @@ class LayerIndex:
             out.append(self._chunk(i, self._chunk_end(node, i, last)))
         return out
 
-    def iter_chunks(self) -> Iterator[tuple[int, Chunk]]:
-        """Every chunk with its node, ordered by blob offset (then inner offset)."""
+    def _order(self) -> array[int]:
+        """Chunk numbers by blob offset (then inner offset), computed once, on first use."""
+        if self._blob_order is None:
+            blob_off = self._cols["c_blob_off"]
+            inner = self._cols["c_inner"]
+            self._blob_order = array(
+                "I", sorted(range(len(blob_off)), key=lambda i: (blob_off[i], inner[i]))
+            )
+        return self._blob_order
+
+    def iter_chunks(self, from_blob_offset: int = 0) -> Iterator[tuple[int, Chunk]]:
+        """Every chunk with its node, ordered by blob offset (then inner offset); with
+        ``from_blob_offset``, only those that start at or after it."""
         cs = self._cols["chunk_start"]
         blob_off = self._cols["c_blob_off"]
-        inner = self._cols["c_inner"]
-        order = sorted(range(len(blob_off)), key=lambda i: (blob_off[i], inner[i]))
-        for i in order:
+        order = self._order()
+        start = 0
+        if from_blob_offset > 0:
+            start = bisect.bisect_left(order, from_blob_offset, key=lambda i: blob_off[i])
+        for k in range(start, len(order)):
+            i = order[k]
             node = bisect.bisect_right(cs, i) - 1
             _, last = self._chunk_range(node)
             yield node, self._chunk(i, self._chunk_end(node, i, last))

@@ -25,6 +25,7 @@ from alsd.chunkstore import ChunkStore
 from alsd.engine import Engine, EngineSettings, Layer
 from alsd.errors import IntegrityError, NotLazyError, UnknownLayer
 from alsd.metadata import MetadataStore
+from alsd.oci.layer_index import Chunk
 from alsd.regconf import RegistriesConf, RegistryEntry
 from alsd.registry import RegistryClient
 from tests.support.oci_layout import OciLayout
@@ -104,8 +105,11 @@ class EngineFactory:
     async def make(self, *, state: Path | None = None, max_bytes: int = 1 << 30,
                    **settings: object) -> Env:
         state = state or self.state
+        # Each test counts the requests and chunks of what it reads: what the engine would
+        # fetch by itself (prefetch, background, read-ahead) is off unless a test asks.
         settings.setdefault("prefetch_landmark", False)
         settings.setdefault("prefetch_background", False)
+        settings.setdefault("readahead_bytes", 0)
         store = ChunkStore(state / "chunks", max_bytes)
         await store.open()
         meta = MetadataStore(state / "meta")
@@ -323,6 +327,99 @@ async def test_a_flipped_byte_is_an_integrity_error_and_nothing_is_stored(
     # With the good bytes back the same read works (nothing bad was cached).
     assert len(await env.engine.read(layer, node, chunk.file_offset, 10)) == 10
     assert env.store.has(chunk.digest)
+
+
+def _first_file_chunk(layer: Layer, min_followers: int) -> tuple[int, Chunk, list[Chunk]]:
+    """The first chunk in blob order followed by at least ``min_followers`` chunks."""
+    order = [(n, c) for n, c in layer.index.iter_chunks() if not c.zeros]
+    for i, (node, c) in enumerate(order):
+        if len(order) - i - 1 >= min_followers:
+            return node, c, [c2 for _, c2 in order[i + 1 :]]
+    pytest.fail("the fixture layer has too few chunks")
+
+
+async def test_a_read_that_misses_reads_the_following_chunks_ahead(
+    registry: Registry, layout: OciLayout, gzip_files: list[dict[str, bytes]],
+    factory: EngineFactory,
+) -> None:
+    desc = layout.image("esgz-noopt").layers[0]
+    probe = await factory.make()
+    layer = await probe.engine.get_layer(_ref(registry, "esgz-noopt"), desc.digest)
+    node, first, followers = _first_file_chunk(layer, 3)
+    await factory.close(probe)
+    # A window that holds exactly the next two chunks: the third is beyond it.
+    window = followers[1].fetch_end - first.fetch_end
+    env = await factory.make(readahead_bytes=window)
+    layer = await env.engine.get_layer(_ref(registry, "esgz-noopt"), desc.digest)
+    before = layer.source.counter.requests
+    data = await env.engine.read(layer, node, first.file_offset, first.size)
+    assert data == gzip_files[0][layer.index.path(node)][first.file_offset :][: first.size]
+    await _until(lambda: env.engine.fetcher.inflight_count() == 0, "the read-ahead")
+    assert env.engine.stats.readahead_requests == 1
+    assert layer.source.counter.requests - before == 2  # the read's, and the read-ahead's
+    assert env.store.has(first.digest)
+    assert env.store.has(followers[0].digest) and env.store.has(followers[1].digest)
+    assert not env.store.has(followers[2].digest)  # the window is a bound
+    # What was read ahead is served without a request, and verified like any chunk.
+    requests = layer.source.counter.requests
+    for n2, c in layer.index.iter_chunks(first.fetch_end):
+        if c.digest == followers[1].digest:
+            break
+        got = await env.engine.read(layer, n2, c.file_offset, c.size)
+        assert got == gzip_files[0][layer.index.path(n2)][c.file_offset :][: c.size]
+    assert layer.source.counter.requests == requests
+
+
+async def test_no_read_ahead_when_it_is_off_or_everything_is_stored(
+    registry: Registry, layout: OciLayout, factory: EngineFactory
+) -> None:
+    desc = layout.image("esgz-noopt").layers[0]
+    env = await factory.make(readahead_bytes=0)
+    layer = await env.engine.get_layer(_ref(registry, "esgz-noopt"), desc.digest)
+    node, first, followers = _first_file_chunk(layer, 1)
+    await env.engine.read(layer, node, first.file_offset, first.size)
+    assert env.engine.stats.readahead_requests == 0
+    assert env.store.has(first.digest) and not env.store.has(followers[0].digest)
+    await factory.close(env)
+    # Same store, read-ahead on: the neighbour is fetched once, then never again.
+    env = await factory.make(readahead_bytes=1 << 20)
+    layer = await env.engine.get_layer(_ref(registry, "esgz-noopt"), desc.digest)
+    second = layer.index.find(layer.index.path(node))
+    assert second is not None
+    await env.engine.read(layer, second, first.file_offset, first.size)  # stored: no miss
+    assert env.engine.stats.readahead_requests == 0
+
+
+async def test_a_corrupt_chunk_read_ahead_is_not_stored_and_the_read_still_works(
+    registry: Registry, layout: OciLayout, factory: EngineFactory
+) -> None:
+    desc = layout.image("esgz-noopt").layers[0]
+    env = await factory.make(readahead_bytes=1 << 20)
+    layer = await env.engine.get_layer(_ref(registry, "esgz-noopt"), desc.digest)
+    # The chunk read is the one just before data/big.bin's in the blob; the read-ahead then
+    # takes big.bin (random bytes: a flipped byte in its range changes its content).
+    big = layer.index.find("data/big.bin")
+    assert big is not None
+    bad = layer.index.chunks(big)[0]
+    order = [(n, c) for n, c in layer.index.iter_chunks() if not c.zeros]
+    k = next(i for i, (_, c) in enumerate(order) if c == bad)
+    assert k > 0 and bad.fetch_end - order[k - 1][1].fetch_end <= 1 << 20
+    node, first = order[k - 1]
+    # The fault: one byte flipped in the registry's stored blob inside the neighbour's
+    # compressed range (as in the flipped-byte test above); restored below.
+    blob_file = registry.blob_file(desc.digest)
+    original = blob_file.read_bytes()
+    corrupted = bytearray(original)
+    corrupted[(bad.blob_offset + bad.fetch_end) // 2] ^= 0x01
+    blob_file.write_bytes(bytes(corrupted))
+    try:
+        data = await env.engine.read(layer, node, first.file_offset, first.size)
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == first.digest
+        await _until(lambda: env.engine.stats.readahead_errors == 1, "the read-ahead to fail")
+        assert env.engine.fetcher.stats.integrity_errors >= 1
+        assert not env.store.has(bad.digest)
+    finally:
+        blob_file.write_bytes(original)
 
 
 async def test_prefetch_fetches_exactly_the_prioritised_region(

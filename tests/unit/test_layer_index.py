@@ -149,6 +149,17 @@ def test_chunks(index: LayerIndex) -> None:
     assert index.chunk_count() == 4 and index.regular_file_count() == 3
 
 
+@pytest.mark.parametrize(("start", "offsets"), [
+    (0, [100, 200, 300, 400]), (100, [100, 200, 300, 400]), (101, [200, 300, 400]),
+    (300, [300, 400]), (399, [400]), (401, []), (10**12, []),
+])  # fmt: skip
+def test_iter_chunks_from_a_blob_offset(index: LayerIndex, start: int, offsets: list[int]) -> None:
+    got = list(index.iter_chunks(start))
+    assert [c.blob_offset for _, c in got] == offsets
+    every = list(index.iter_chunks())
+    assert got == every[len(every) - len(got) :]  # the same (node, chunk) pairs, in order
+
+
 def test_state_round_trip_through_msgpack(index: LayerIndex) -> None:
     packed = msgpack.packb(index.to_state(), use_bin_type=True)
     again = LayerIndex.from_state(msgpack.unpackb(packed, raw=False))
