@@ -64,17 +64,17 @@ def _git_rev(repo: Path) -> str:
     return r.stdout.strip() + (" (alsd/ modified)" if dirty else "")
 
 
-def _cold_table(b: Bench, workload: str) -> list[str]:
+def _cold_table(b: Bench, label: str) -> list[str]:
     from bench.runner import VARIANTS
 
-    base = b.cold.get((workload, "gzip"))
+    base = b.cold.get((label, "gzip"))
     lines = [
         "| variant | pull | run | cold start | vs gzip | warm start | bytes over link "
         "| vs gzip | alsd RSS |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in VARIANTS:
-        r: ColdResult | None = b.cold.get((workload, v.key))
+        r: ColdResult | None = b.cold.get((label, v.key))
         if r is None:
             continue
         if not r.total.ok:
@@ -85,12 +85,12 @@ def _cold_table(b: Bench, workload: str) -> list[str]:
         b_ratio = (_ratio(r.bytes_total.median, base.bytes_total.median)
                    if base and base.bytes_total.ok else "–")  # fmt: skip
         rss = r.rss.fmt("MB", 1e6, 0) if r.rss.ok else "–"
-        label = v.label
+        row = v.label
         if r.pull.errors:
             n = len(r.pull.errors)
-            label += f" ({n} of {n + len(r.total.values)} runs failed, see Failures)"
+            row += f" ({n} of {n + len(r.total.values)} runs failed, see Failures)"
         lines.append(
-            f"| {label} | {r.pull.fmt()} | {r.run.fmt()} | **{r.total.fmt()}** | {t_ratio} "
+            f"| {row} | {r.pull.fmt()} | {r.run.fmt()} | **{r.total.fmt()}** | {t_ratio} "
             f"| {r.warm.fmt()} | {r.bytes_total.fmt('MB', 1e6, 1)} | {b_ratio} | {rss} |"
         )
     return lines
@@ -98,7 +98,8 @@ def _cold_table(b: Bench, workload: str) -> list[str]:
 
 def _targets(b: Bench) -> list[str]:
     out = []
-    for w, facts in b.images.items():
+    for w, name, _ in b.cold_runs:
+        facts = b.images.get(name, {})
         base = b.cold.get((w, "gzip"))
         prio = b.cold.get((w, "alsd-esgz-prio"))
         if base and prio and base.total.ok and prio.total.ok:
@@ -147,7 +148,7 @@ def _chart(b: Bench, path: Path) -> bool:
         return False
     from bench.runner import VARIANTS
 
-    workloads = list(b.images)
+    workloads = [label for label, _, _ in b.cold_runs]
     fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.5),
                              squeeze=False)  # fmt: skip
     for ax, w in zip(axes[0], workloads, strict=True):
@@ -187,7 +188,8 @@ def write_report(b: Bench, out_dir: Path) -> Path:
     L: list[str] = [f"# alsd benchmark, {time.strftime('%Y-%m-%d %H:%M')}", ""]
     L += [f"- {x}" for x in _machine()]
     L += [
-        f"- {b.podman_version}; alsd at git {_git_rev(Path(__file__).resolve().parents[1])}",
+        f"- {'; '.join(dict.fromkeys(b.podman_versions.values())) or b.podman_version}; "
+        f"alsd at git {_git_rev(Path(__file__).resolve().parents[1])}",
         f"- Link: userspace proxy (bench/wanproxy.py) in front of a loopback docker-registry, "
         f"{a.rate_mbit:g} Mbit/s token bucket per direction, {a.rtt_ms:g} ms added RTT "
         f"(+1 RTT per new connection)",
@@ -204,10 +206,12 @@ def write_report(b: Bench, out_dir: Path) -> Path:
         "|---|---|---|---|---|---|---|---|",
     ]
     for w, f in b.images.items():
+        zstd = _mb(f["zstdchunked_size"]) if "zstdchunked_size" in f else "failed"
+        if "zstdchunked_other_size" in f:
+            zstd += f" ({_mb(f['zstdchunked_other_size'])} by {b.podman_versions['other']})"
         L.append(
             f"| {w} | {f.get('files', '?')} | {_mb(f.get('tar_size', 0))} | "
-            f"{_mb(f.get('gzip_size', 0))} | "
-            f"{_mb(f['zstdchunked_size']) if 'zstdchunked_size' in f else 'failed'} | "
+            f"{_mb(f.get('gzip_size', 0))} | {zstd} | "
             f"{_mb(f.get('esgz_size', 0))} | {_mb(f.get('esgz_prio_size', 0))} | "
             f"{f.get('traced_files', 0)} files, {_mb(f.get('traced_bytes', 0))} "
             f"({_mb(f.get('prio_compressed_bytes', 0))} compressed) |"
@@ -219,8 +223,8 @@ def write_report(b: Bench, out_dir: Path) -> Path:
           "pull = `podman pull`, run = `podman run --rm` to container exit, cold start = both; "
           "warm start = `podman run --rm` again with the image present; bytes = registry → "
           "client bytes across the link during pull + run.", ""]  # fmt: skip
-    for w in b.images:
-        L += [f"### {w}", "", *_cold_table(b, w), ""]
+    for label, _, _ in b.cold_runs:
+        L += [f"### {label}", "", *_cold_table(b, label), ""]
     if _chart(b, png_path):
         L += [f"![cold start per variant]({png_path.name})", ""]
     rd = b.sections.get("read")
@@ -305,6 +309,8 @@ def write_report(b: Bench, out_dir: Path) -> Path:
     L += [
         "## Notes",
         "",
+        "- Each podman generation pulls the zstd:chunked image it pushed itself (podman 5.4 "
+        "cannot pull the 2020 layout podman 4.3 writes: its DiffID check fails).",
         "- podman's partial pull of zstd:chunked works on this podman (its debug log says "
         '"Retrieved partial blob"), but it fetches every chunk that local storage does not '
         "already hold: into an empty store that is the whole layer. It saves bytes only when "
@@ -313,13 +319,17 @@ def write_report(b: Bench, out_dir: Path) -> Path:
         "size (not investigated; it asks for chunks with multi-range requests, whose "
         "multipart framing is one candidate).",
         "- alsd runs with its defaults, including the background fetch of whole layers after "
-        "the on-demand reads; bytes are counted until the container exits, so the alsd "
-        "figures include what the background fetch got meanwhile.",
+        "the on-demand reads and the read-ahead after a read that misses (the next 512 KiB "
+        "of the layer, `[fetch] readahead_bytes`); bytes are counted until the container "
+        "exits, so the alsd figures include what the background fetch and the read-ahead "
+        "got meanwhile.",
         "- Page cache: on this kernel FUSE caches file data in 4 KiB pages (no large "
         "folios; the share above is measured), while ext4 caches the local copy mostly in "
         "large folios, so a read from the page cache copies page by page through alsd's mount "
         "and folio by folio from the local disk. No request reaches alsd during these reads; "
-        "the gap is in the kernel (read-ahead of 128 KiB and 4 MiB both give 4 KiB pages).",
+        "the gap is in the kernel (read-ahead of 128 KiB and 4 MiB both give 4 KiB pages): "
+        "this kernel's FUSE does not allow large folios in a file's mapping (a patch that "
+        "would, 'fuse: enable large folios', was posted to linux-fsdevel in 2024).",
         "- Metadata, second pass: every pass still sends opendir, readdirplus (twice: entries, "
         "then the end) and releasedir per directory; lookups and attributes come from the "
         "kernel's cache (1 h timeouts). The kernel keeps directory listings itself only when "
@@ -389,6 +399,7 @@ def write_raw(b: Bench, path: Path) -> None:
         # Not "out": where the report went says nothing about the figures.
         "args": {k: str(v) for k, v in vars(b.args).items() if k != "out"},
         "podman": b.podman_version,
+        "podman_versions": b.podman_versions,
         "images": b.images,
         "cold": {f"{w}/{v}": conv(r) for (w, v), r in b.cold.items()},
         "sections": conv(b.sections),

@@ -15,7 +15,10 @@ and min-max):
 5. restart with 50 layers cached: time until a lookup answers, bytes fetched;
 6. memory: alsd RSS with those layers, and per 100 000 TOC entries (bench/index_memory.py).
 
-Writes ``bench/results/<date>.md`` and ``<date>-cold-start.png``. Benchmarks print
+Cold and warm starts run with the host's podman, and with ``--podman host,other`` also
+with the other Debian release's podman (the chroot ``.ci/build-chroot`` builds; podman 4.3
+asks alsd for layers by blob digest, 5.4 by TOC digest). Writes ``bench/results/<date>.md``
+and ``<date>-cold-start.png``. Benchmarks print
 figures; nothing here passes or fails, and a variant that fails is reported with its reason.
 Needs root (FUSE, podman, drop_caches). Synchronous; the WAN proxy runs in its own thread.
 """
@@ -50,7 +53,12 @@ from bench import workloads as wl  # noqa: E402
 from bench.pagecache import large_folio_share  # noqa: E402
 from bench.wanproxy import WanProxy  # noqa: E402
 from tests.support.daemon import AlsdProcess, start_alsd  # noqa: E402
-from tests.support.podman import PodmanEnv, parse_version  # noqa: E402
+from tests.support.podman import (  # noqa: E402
+    CHROOT_MARKER,
+    OtherRoot,
+    PodmanEnv,
+    parse_version,
+)
 
 log = wl.log
 
@@ -208,6 +216,12 @@ class Bench:
         self.registry: reg.Registry | None = None
         self.proxy: WanProxy | None = None
         self.podman_version = ""
+        # Cold-start runs in report order: (label, workload, podman generation). The label
+        # keys self.cold: the workload's name with the host's podman, else with the version.
+        self.cold_runs: list[tuple[str, str, str]] = []
+        self.other_root: Path | None = None
+        self._cleanups: list[Callable[[], None]] = []
+        self.podman_versions: dict[str, str] = {}
         self.images: dict[str, dict[str, Any]] = {}  # workload -> facts
         self.cold: dict[tuple[str, str], ColdResult] = {}
         self.sections: dict[str, dict[str, Any]] = {}
@@ -225,8 +239,22 @@ class Bench:
         d.mkdir(parents=True)
         return d
 
-    def podman(self, d: Path, als_mount: Path | None = None, partial: bool = False) -> PodmanEnv:
-        env = PodmanEnv(generation="host", dir=d, chroot=None, als_mount=als_mount)
+    def fresh_dir_for(self, gen: str, prefix: str) -> Path:
+        """A fresh directory the given podman generation can see (inside its chroot)."""
+        if gen == "host":
+            return self.fresh_dir(prefix)
+        assert self.other_root is not None
+        self._n += 1
+        d = self.other_root / str(self.work).lstrip("/") / f"{prefix}{self._n}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        return d
+
+    def podman(
+        self, d: Path, als_mount: Path | None = None, partial: bool = False, gen: str = "host"
+    ) -> PodmanEnv:
+        chroot = None if gen == "host" else self.other_root
+        env = PodmanEnv(generation=gen, dir=d, chroot=chroot, als_mount=als_mount)
         env.write_configs((), None)
         if partial:
             with open(d / "storage.conf", "a") as f:
@@ -264,31 +292,14 @@ class Bench:
         facts["files"] = sum(1 for _ in Path(wl.rootfs(self.cache, w)).rglob("*"))
         diff_id = wl.tar_diff_id(tar)
         # zstd:chunked first, from a fresh store into a fresh registry, so podman's blob-info
-        # cache has nothing to substitute (environment.md).
-        try:
-            d = self.fresh_dir("p")
-            env = self.podman(d)
+        # cache has nothing to substitute (environment.md). Each podman generation pushes
+        # its own: podman 5.4 cannot pull the 2020 layout that podman 4.3 writes (its
+        # DiffID check fails), and a user of either pushes with the podman they have.
+        for gen in self.args.podman:
             try:
-                cmd_json = json.dumps(list(w.cmd))
-                env.run(
-                    "import", "--change", f"CMD {cmd_json}", str(tar), f"localhost/bench-{w.name}"
-                )
-                log(f"podman push --compression-format zstd:chunked bench/{w.name}")
-                env.run("push", "--compression-format", "zstd:chunked", f"localhost/bench-{w.name}",
-                        f"docker://{addr}/bench/{w.name}:zstdchunked", timeout=1200)  # fmt: skip
-            finally:
-                env.teardown()
-            m = reg.get_manifest(addr, f"bench/{w.name}", "zstdchunked")
-            lay = m["layers"][0]
-            if "zstd" not in lay["mediaType"] or not any(
-                "zstd-chunked" in k for k in lay.get("annotations", {})
-            ):
-                raise RuntimeError(
-                    f"podman pushed {lay['mediaType']} without zstd:chunked annotations"
-                )
-            facts["zstdchunked_size"] = lay["size"]
-        except Exception as exc:
-            self.fail(f"{w.name}: zstd:chunked push", exc)
+                self._push_zstdchunked(w, tar, gen, facts)
+            except Exception as exc:
+                self.fail(f"{w.name}: zstd:chunked push ({self.podman_versions[gen]})", exc)
         gz = wl.gzip_blob(self.cache, w)
         blob = reg.BlobRef.from_file(gz, reg.LAYER_GZIP, digest=wl._sidecar(
             gz, lambda: {"digest": wl.sha256_file(gz)})["digest"])  # fmt: skip
@@ -308,6 +319,38 @@ class Bench:
         facts["esgz_prio_size"] = prio.size
         facts["prio_compressed_bytes"] = prio.prefetch_end
 
+    def _push_zstdchunked(self, w: wl.Workload, tar: Path, gen: str, facts: dict[str, Any]) -> None:
+        assert self.registry is not None
+        addr = self.registry.address
+        tag = zstd_tag(gen)
+        d = self.fresh_dir_for(gen, "p")
+        env = self.podman(d, gen=gen)
+        try:
+            src = tar
+            if gen != "host":
+                # The chroot's podman sees only what lies inside it.
+                src = d / tar.name
+                try:
+                    os.link(tar, src)
+                except OSError:
+                    shutil.copyfile(tar, src)
+            cmd_json = json.dumps(list(w.cmd))
+            env.run("import", "--change", f"CMD {cmd_json}", env.podman_path(src),
+                    f"localhost/bench-{w.name}")  # fmt: skip
+            log(f"podman push --compression-format zstd:chunked bench/{w.name}:{tag} "
+                f"({self.podman_versions[gen]})")  # fmt: skip
+            env.run("push", "--compression-format", "zstd:chunked", f"localhost/bench-{w.name}",
+                    f"docker://{addr}/bench/{w.name}:{tag}", timeout=1200)  # fmt: skip
+        finally:
+            env.teardown()
+        m = reg.get_manifest(addr, f"bench/{w.name}", tag)
+        lay = m["layers"][0]
+        if "zstd" not in lay["mediaType"] or not any(
+            "zstd-chunked" in k for k in lay.get("annotations", {})
+        ):
+            raise RuntimeError(f"podman pushed {lay['mediaType']} without zstd:chunked annotations")
+        facts["zstdchunked_size" if gen == "host" else "zstdchunked_other_size"] = lay["size"]
+
     def _push_esgz(self, w: wl.Workload, tag: str, b: wl.EsgzBlob) -> None:
         assert self.registry is not None
         blob = reg.BlobRef.from_file(b.path, reg.LAYER_GZIP, digest=b.digest,
@@ -324,16 +367,18 @@ class Bench:
 
     # ---- 1+2: cold and warm start ----
 
-    def cold_start(self, w: wl.Workload, v: Variant, res: ColdResult, expect: str) -> None:
-        d = self.fresh_dir("c")
+    def cold_start(
+        self, w: wl.Workload, v: Variant, res: ColdResult, expect: str, gen: str = "host"
+    ) -> None:
+        d = self.fresh_dir_for(gen, "c")
         als: AlsdProcess | None = None
         env: PodmanEnv | None = None
-        ref = self.ref(w.name, v.tag)
+        ref = self.ref(w.name, zstd_tag(gen) if v.tag == "zstdchunked" else v.tag)
         assert self.proxy is not None
         try:
             if v.als:
                 als = self.alsd(d / "a")
-            env = self.podman(d / "p", als.mountpoint if als else None, v.partial)
+            env = self.podman(d / "p", als.mountpoint if als else None, v.partial, gen)
             drop_caches()
             self.proxy.reset()
             t_pull, _ = timed(lambda: env.run("pull", "-q", ref, timeout=1200))
@@ -572,6 +617,15 @@ class Bench:
         self.cache.mkdir(parents=True, exist_ok=True)
         self.podman_version = subprocess.run(["podman", "--version"], capture_output=True,
                                              text=True).stdout.strip()  # fmt: skip
+        self.podman_versions["host"] = self.podman_version
+        if "other" in a.podman:
+            self.other_root = other_podman_root()
+            holder = OtherRoot(self.other_root)
+            holder.acquire()
+            self._cleanups.append(holder.release)
+            v = subprocess.run(["chroot", str(self.other_root), "podman", "--version"],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+            self.podman_versions["other"] = v.stdout.strip()
         workloads = [wl.WORKLOADS[n] for n in a.workloads]
         for w in workloads:  # build everything before any timing starts
             wl.layer_tar(self.cache, w)
@@ -586,14 +640,17 @@ class Bench:
             for w in workloads:
                 self.push_workload(w)
             variants = [v for v in VARIANTS if v.key in a.variants]
-            for w in workloads:
-                expect = "hello from python" if w.name == "python" else "det"
-                for rep in range(a.reps):
-                    # Interleave variants per repetition so drift hits all of them alike.
-                    for v in variants:
-                        res = self.cold.setdefault((w.name, v.key), ColdResult())
-                        log(f"cold start {w.name} / {v.key} ({rep + 1}/{a.reps})")
-                        self.cold_start(w, v, res, expect)
+            for gen in a.podman:
+                for w in workloads:
+                    label = w.name if gen == "host" else f"{w.name}, {self.podman_versions[gen]}"
+                    self.cold_runs.append((label, w.name, gen))
+                    expect = "hello from python" if w.name == "python" else "det"
+                    for rep in range(a.reps):
+                        # Interleave variants per repetition so drift hits all of them alike.
+                        for v in variants:
+                            res = self.cold.setdefault((label, v.key), ColdResult())
+                            log(f"cold start {label} / {v.key} ({rep + 1}/{a.reps})")
+                            self.cold_start(w, v, res, expect, gen)
             if "read" in a.sections:
                 log("read throughput")
                 self.read_throughput()
@@ -606,6 +663,8 @@ class Bench:
         finally:
             self.proxy.stop()
             self.registry.stop()
+            for cleanup in reversed(self._cleanups):
+                cleanup()
             # The pushed images are rebuilt from the cache next time; 0.5-1.5 GB.
             shutil.rmtree(self.registry.workdir, ignore_errors=True)
         self.duration = time.monotonic() - t_start
@@ -631,6 +690,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="read,metadata,restart",
         help="comma list of extra sections: read,metadata,restart",
     )
+    p.add_argument(
+        "--podman",
+        default="host",
+        help="comma list of podman generations for the cold starts: host (this machine's "
+        "podman), other (the other Debian release's, from the chroot .ci/build-chroot "
+        "builds; $ALSD_OTHER_PODMAN_ROOT overrides where it is)",
+    )
     p.add_argument("--rate-mbit", type=float, default=100.0)
     p.add_argument("--rtt-ms", type=float, default=20.0)
     p.add_argument("--files-per-layer", type=int, default=2000)
@@ -653,6 +719,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a.workloads = [x for x in a.workloads.split(",") if x]
     a.variants = [x for x in a.variants.split(",") if x]
     a.sections = [x for x in a.sections.split(",") if x]
+    a.podman = [x for x in a.podman.split(",") if x]
+    if not a.podman or any(x not in ("host", "other") for x in a.podman):
+        p.error("--podman takes a comma list of host, other")
     a.alsd_settings = {}
     for item in a.alsd_setting:
         key, _, value = item.partition("=")
@@ -661,6 +730,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         except json.JSONDecodeError:
             a.alsd_settings[key] = value
     return a
+
+
+def zstd_tag(gen: str) -> str:
+    """The tag of the zstd:chunked image that podman generation ``gen`` pushed."""
+    return "zstdchunked" if gen == "host" else "zstdchunked-other"
+
+
+def other_podman_root() -> Path:
+    """The chroot holding the other Debian release's podman (built if missing)."""
+    root = os.environ.get("ALSD_OTHER_PODMAN_ROOT")
+    if not root:
+        log("building or finding the other podman's chroot (.ci/build-chroot)")
+        out = subprocess.run([str(REPO / ".ci" / "build-chroot")], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        root = out.stdout.strip().splitlines()[-1]
+    path = Path(root)
+    if not (path / CHROOT_MARKER).exists():
+        raise SystemExit(f"{path} is not a complete chroot (rebuild it with .ci/build-chroot)")
+    return path
 
 
 def _terminate(signum: int, frame: Any) -> None:
