@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import logging
+import mmap
 import os
 import random
 import signal
@@ -51,6 +53,35 @@ def assert_consistent(store: ChunkStore) -> None:
     for hx in on_disk:
         assert store.has("sha256:" + hx)
     assert list((store.root / "tmp").iterdir()) == []
+
+
+def _evict_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages stay cached: write them first
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _in_page_cache(path: Path) -> bool:
+    """Whether any page of ``path`` is in the page cache (mincore(2) of a mapping: unlike
+    a read, it does not start read-ahead)."""
+    size = path.stat().st_size
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+    try:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        anchor = ctypes.c_char.from_buffer(m)
+        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec)
+        del anchor
+        assert rc == 0, os.strerror(ctypes.get_errno())
+        return any(v & 1 for v in vec)
+    finally:
+        m.close()
 
 
 @pytest.fixture
@@ -205,6 +236,11 @@ async def test_chunk_being_read_is_not_evicted(tmp_path: Path) -> None:
     c = blob(3, 2000)  # needs the whole limit: both a and b would have to go
     assert await s.put(dg(a), a)
     assert await s.put(dg(b), b)
+    # A read the page cache can serve needs no await (and no pin): make this one wait
+    # for the disk, in a worker thread.
+    _evict_from_page_cache(s.path_for(dg(a)))
+    if _in_page_cache(s.path_for(dg(a))):
+        pytest.skip("this filesystem keeps the chunk file cached")
     reader = asyncio.create_task(s.get(dg(a)))
     # One loop turn runs get() up to its file read in a worker thread: a is pinned now.
     await asyncio.sleep(0)
@@ -502,6 +538,32 @@ async def test_get_range_returns_exact_slices(store: ChunkStore) -> None:
     assert await store.get_range(d, 9000, 9100) == b""
     assert await store.get_range(dg(b"absent"), 0, 10) is None
     assert_consistent(store)
+
+
+async def test_cached_slices_are_read_without_a_thread_and_others_with_one(
+    tmp_path: Path,
+) -> None:
+    store = ChunkStore(tmp_path / "store", 1 << 20)
+    await store.open()
+    data = bytes(random.Random(4).randbytes(300_000))
+    d = dg(data)
+    assert await store.put(d, data)
+    # Just written: the page cache holds the file, the read is served on the loop thread.
+    assert await store.get_range(d, 1000, 200_000) == data[1000:200_000]
+    assert store.stats()["cached_reads"] == 1
+    _evict_from_page_cache(store.path_for(d))
+    if _in_page_cache(store.path_for(d)):
+        pytest.skip("this filesystem keeps the chunk file cached (no eviction to test)")
+    # Not cached: a worker thread reads it from the disk; the bytes are the same.
+    assert await store.get_range(d, 5, 299_999) == data[5:299_999]
+    assert store.stats()["cached_reads"] == 1
+    assert await store.get_range(d, 5, 299_999) == data[5:299_999]  # cached again now
+    assert store.stats()["cached_reads"] == 2
+    # A file of the wrong size is never served from the page cache either.
+    os.truncate(store.path_for(d), len(data) + 1)
+    assert await store.get_range(d, 0, 10) is None
+    assert store.stats()["corrupt"] == 1 and not store.has(d)
+    await store.close()
 
 
 async def test_get_range_of_damaged_file_is_a_miss(store: ChunkStore) -> None:
