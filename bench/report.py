@@ -188,7 +188,7 @@ def write_report(b: Bench, out_dir: Path) -> Path:
     L: list[str] = [f"# alsd benchmark, {time.strftime('%Y-%m-%d %H:%M')}", ""]
     L += [f"- {x}" for x in _machine()]
     L += [
-        f"- {'; '.join(dict.fromkeys(b.podman_versions.values())) or b.podman_version}; "
+        f"- {'; '.join(b.podman_versions.values())}; "
         f"alsd at git {_git_rev(Path(__file__).resolve().parents[1])}",
         f"- Link: userspace proxy (bench/wanproxy.py) in front of a loopback docker-registry, "
         f"{a.rate_mbit:g} Mbit/s token bucket per direction, {a.rtt_ms:g} ms added RTT "

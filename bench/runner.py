@@ -54,9 +54,10 @@ from bench.pagecache import large_folio_share  # noqa: E402
 from bench.wanproxy import WanProxy  # noqa: E402
 from tests.support.daemon import AlsdProcess, start_alsd  # noqa: E402
 from tests.support.podman import (  # noqa: E402
-    CHROOT_MARKER,
+    OTHER_ROOT_ENV,
     OtherRoot,
     PodmanEnv,
+    other_root_unavailable,
     parse_version,
 )
 
@@ -226,13 +227,12 @@ class Bench:
         self.work: Path = args.workdir
         self.registry: reg.Registry | None = None
         self.proxy: WanProxy | None = None
-        self.podman_version = ""
         # Cold-start runs in report order: (label, workload, podman generation). The label
         # keys self.cold: the workload's name with the host's podman, else with the version.
         self.cold_runs: list[tuple[str, str, str]] = []
         self.other_root: Path | None = None
         self._cleanups: list[Callable[[], None]] = []
-        self.podman_versions: dict[str, str] = {}
+        self.podman_versions: dict[str, str] = {}  # generation -> `podman --version`
         self.images: dict[str, dict[str, Any]] = {}  # workload -> facts
         self.cold: dict[tuple[str, str], ColdResult] = {}
         self.sections: dict[str, dict[str, Any]] = {}
@@ -241,22 +241,22 @@ class Bench:
 
     # ---- environment ----
 
-    def fresh_dir(self, prefix: str) -> Path:
+    @property
+    def podman_version(self) -> str:
+        """The host's podman (`podman --version`), once run() has asked it."""
+        return self.podman_versions.get("host", "")
+
+    def fresh_dir(self, prefix: str, gen: str = "host") -> Path:
+        """A fresh directory that podman generation ``gen`` can see (for "other": inside
+        its chroot, at the same path there as the workdir here)."""
         self._n += 1
+        base = self.work
+        if gen != "host":
+            assert self.other_root is not None
+            base = self.other_root / str(self.work).lstrip("/")
         # Short on purpose: with a long runroot path podman 4.3 misses conmon's exit
         # notification and every `podman run` waits out its 20 s conmon timeout.
-        d = self.work / f"{prefix}{self._n}"
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
-        return d
-
-    def fresh_dir_for(self, gen: str, prefix: str) -> Path:
-        """A fresh directory the given podman generation can see (inside its chroot)."""
-        if gen == "host":
-            return self.fresh_dir(prefix)
-        assert self.other_root is not None
-        self._n += 1
-        d = self.other_root / str(self.work).lstrip("/") / f"{prefix}{self._n}"
+        d = base / f"{prefix}{self._n}"
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         return d
@@ -334,7 +334,7 @@ class Bench:
         assert self.registry is not None
         addr = self.registry.address
         tag = zstd_tag(gen)
-        d = self.fresh_dir_for(gen, "p")
+        d = self.fresh_dir("p", gen)
         env = self.podman(d, gen=gen)
         try:
             src = tar
@@ -381,7 +381,7 @@ class Bench:
     def cold_start(
         self, w: wl.Workload, v: Variant, res: ColdResult, expect: str, gen: str = "host"
     ) -> None:
-        d = self.fresh_dir_for(gen, "c")
+        d = self.fresh_dir("c", gen)
         als: AlsdProcess | None = None
         env: PodmanEnv | None = None
         ref = self.ref(w.name, zstd_tag(gen) if v.tag == "zstdchunked" else v.tag)
@@ -637,9 +637,9 @@ class Bench:
         a = self.args
         self.work.mkdir(parents=True, exist_ok=True)
         self.cache.mkdir(parents=True, exist_ok=True)
-        self.podman_version = subprocess.run(["podman", "--version"], capture_output=True,
-                                             text=True).stdout.strip()  # fmt: skip
-        self.podman_versions["host"] = self.podman_version
+        self.podman_versions["host"] = subprocess.run(
+            ["podman", "--version"], capture_output=True, text=True
+        ).stdout.strip()
         if "other" in a.podman:
             self.other_root = other_podman_root()
             holder = OtherRoot(self.other_root)
@@ -761,16 +761,15 @@ def zstd_tag(gen: str) -> str:
 
 def other_podman_root() -> Path:
     """The chroot holding the other Debian release's podman (built if missing)."""
-    root = os.environ.get("ALSD_OTHER_PODMAN_ROOT")
-    if not root:
+    if not os.environ.get(OTHER_ROOT_ENV):
         log("building or finding the other podman's chroot (.ci/build-chroot)")
         out = subprocess.run([str(REPO / ".ci" / "build-chroot")], capture_output=True,
                              text=True, check=True)  # fmt: skip
-        root = out.stdout.strip().splitlines()[-1]
-    path = Path(root)
-    if not (path / CHROOT_MARKER).exists():
-        raise SystemExit(f"{path} is not a complete chroot (rebuild it with .ci/build-chroot)")
-    return path
+        os.environ[OTHER_ROOT_ENV] = out.stdout.strip().splitlines()[-1]
+    reason = other_root_unavailable()
+    if reason is not None:
+        raise SystemExit(f"--podman other: {reason}")
+    return Path(os.environ[OTHER_ROOT_ENV])
 
 
 def _terminate(signum: int, frame: Any) -> None:
