@@ -315,24 +315,88 @@ def iter_settings(cls: type[Any] = Config, prefix: str = "") -> list[tuple[str, 
     return out
 
 
-def engine_settings(cfg: Config) -> Any:
-    """Map the configuration to the engine's settings object (``alsd.engine.EngineSettings``)."""
-    import importlib
+# ------------------------------------------------------------------ settings of the parts
+#
+# The parts are not handed the whole Config: each gets a frozen settings object holding
+# what it can be told, filled from alsd.toml by the functions below. Settings that are
+# not in alsd.toml (internal limits) have their defaults here too; the defaults of those
+# that are come from the Config dataclasses above, so that each is written once.
 
-    # Imported here: config must stay importable without the engine's dependencies.
-    engine = importlib.import_module("alsd.engine")
-    return engine.EngineSettings(**_engine_kwargs(cfg))
+_DEFAULT = Config()
 
 
-def _engine_kwargs(cfg: Config) -> dict[str, Any]:
-    return {
-        "fetch_concurrency": cfg.fetch.concurrency,
-        "resolve_timeout_s": cfg.fetch.resolve_timeout_s,
-        "merge_gap_bytes": cfg.fetch.merge_gap_bytes,
-        "readahead_bytes": cfg.fetch.readahead_bytes,
-        "prefetch_landmark": cfg.prefetch.landmark,
-        "prefetch_background": cfg.prefetch.background,
-        "release_grace_s": cfg.layers.release_grace_s,
-        "negative_cache_ttl_s": cfg.layers.negative_cache_ttl_s,
-        "unknown_diff_size": cfg.layers.unknown_diff_size,
-    }
+@dataclass(frozen=True)
+class LayerSettings:
+    """Everything the layer manager (alsd/layers) can be told.
+
+    Settings of the registry client, the chunk store and the daemon (request timeout,
+    retries, cache size, registries.conf, auth file, state directory) are not here: those
+    parts are built from the configuration directly (alsd/app/wiring.py).
+    """
+
+    fetch_concurrency: int = _DEFAULT.fetch.concurrency
+    resolve_timeout_s: float = _DEFAULT.fetch.resolve_timeout_s
+    merge_gap_bytes: int = _DEFAULT.fetch.merge_gap_bytes
+    readahead_bytes: int = _DEFAULT.fetch.readahead_bytes
+    max_request_bytes: int = 8 << 20
+    max_ranges_per_request: int = 16
+    prefetch_landmark: bool = _DEFAULT.prefetch.landmark
+    prefetch_background: bool = _DEFAULT.prefetch.background
+    background_max_layer_bytes: int | None = None
+    background_batch_bytes: int = 4 << 20
+    background_concurrency: int = 1
+    quiet_period_s: float = 2.0
+    release_grace_s: float = _DEFAULT.layers.release_grace_s
+    negative_cache_ttl_s: float = _DEFAULT.layers.negative_cache_ttl_s
+    unknown_diff_size: UnknownDiffSize = _DEFAULT.layers.unknown_diff_size
+    max_toc_bytes: int = 64 << 20
+    blob_readahead_bytes: int = 1 << 20
+    # Landmark prefetch requests are at most this large: a request's chunks are decoded
+    # and served only once its whole body has arrived, and the prioritised region is in
+    # the order the container reads it, so small requests let it start early.
+    prefetch_request_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySettings:
+    """Everything the registry client (alsd/registry) can be told."""
+
+    request_timeout_s: float = _DEFAULT.fetch.request_timeout_s  # one request, whole body
+    connect_timeout_s: float = 10.0
+    deadline_s: float = 120.0  # one public call, all retries and endpoints included
+    max_retries: int = _DEFAULT.fetch.max_retries  # per public call (shared by its requests)
+    backoff_min_s: float = 0.2
+    backoff_max_s: float = 10.0
+    max_connections: int = 32
+    # A client built without alsd.toml (tests, library use) allows more than the daemon's
+    # [fetch] concurrency; the daemon's client gets that setting (registry_settings()).
+    max_per_host: int = 8
+    max_ranges_per_request: int = 32
+    max_manifest_bytes: int = 4 << 20
+    max_config_bytes: int = 16 << 20
+    blob_segment_bytes: int = 8 << 20  # read_blob fetches this much per request
+    user_agent: str = "alsd"
+
+
+def layer_settings(cfg: Config) -> LayerSettings:
+    """The layer manager's settings from ``cfg``."""
+    return LayerSettings(
+        fetch_concurrency=cfg.fetch.concurrency,
+        resolve_timeout_s=cfg.fetch.resolve_timeout_s,
+        merge_gap_bytes=cfg.fetch.merge_gap_bytes,
+        readahead_bytes=cfg.fetch.readahead_bytes,
+        prefetch_landmark=cfg.prefetch.landmark,
+        prefetch_background=cfg.prefetch.background,
+        release_grace_s=cfg.layers.release_grace_s,
+        negative_cache_ttl_s=cfg.layers.negative_cache_ttl_s,
+        unknown_diff_size=cfg.layers.unknown_diff_size,
+    )
+
+
+def registry_settings(cfg: Config) -> RegistrySettings:
+    """The registry client's settings from ``cfg``."""
+    return RegistrySettings(
+        request_timeout_s=cfg.fetch.request_timeout_s,
+        max_retries=cfg.fetch.max_retries,
+        max_per_host=cfg.fetch.concurrency,
+    )

@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from alsd.convert import with_runtime_files  # noqa: E402
+from alsd.tools.convert import with_runtime_files  # noqa: E402
 from bench import registry as reg  # noqa: E402
 from bench import workloads as wl  # noqa: E402
 from bench.pagecache import large_folio_share  # noqa: E402

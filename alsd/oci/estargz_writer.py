@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
 
 from alsd.errors import FormatError
+from alsd.oci import annotations as keys
 
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -40,8 +41,8 @@ LANDMARK_CONTENTS = b"\x0f"
 FOOTER_SIZE = 51
 DEFAULT_CHUNK_SIZE = 4 << 20
 
-TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
-UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+TOC_DIGEST_ANNOTATION = keys.STARGZ_TOC_DIGEST
+UNCOMPRESSED_SIZE_ANNOTATION = keys.UNCOMPRESSED_SIZE
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from alsd.errors import FormatError, IntegrityError, NotLazyError
+from alsd.oci import annotations as keys
 from alsd.oci import estargz, zstdchunked
 from alsd.oci.layer_index import Chunk, EntryKind, LayerFormat, LayerIndex, build_index
 from alsd.oci.tarsplit import tarsplit_uncompressed_size as _tarsplit_size
@@ -56,13 +57,13 @@ __all__ = [
     "uncompressed_size_from_annotations",
 ]
 
-ANN_STARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-ANN_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
-ANN_CSTORAGE_CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
-ANN_CSTORAGE_POSITION = "io.github.containers.zstd-chunked.manifest-position"
-ANN_CSTORAGE_TARSPLIT_POSITION = "io.github.containers.zstd-chunked.tarsplit-position"
-ANN_CSTORAGE_OLD_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
-ANN_CSTORAGE_OLD_POSITION = "io.containers.zstd-chunked.manifest-position"
+ANN_STARGZ_TOC_DIGEST = keys.STARGZ_TOC_DIGEST
+ANN_UNCOMPRESSED_SIZE = keys.UNCOMPRESSED_SIZE
+ANN_CSTORAGE_CHECKSUM = keys.ZSTD_CHUNKED_CHECKSUM
+ANN_CSTORAGE_POSITION = keys.ZSTD_CHUNKED_POSITION
+ANN_CSTORAGE_TARSPLIT_POSITION = keys.ZSTD_CHUNKED_TARSPLIT_POSITION
+ANN_CSTORAGE_OLD_CHECKSUM = keys.ZSTD_CHUNKED_OLD_CHECKSUM
+ANN_CSTORAGE_OLD_POSITION = keys.ZSTD_CHUNKED_OLD_POSITION
 
 # The longest footer is c/storage's current one: 8-byte skippable header + 64 bytes.
 TAIL_SIZE = zstdchunked.SKIPPABLE_HEADER_SIZE + zstdchunked.FOOTER_NEW_SIZE

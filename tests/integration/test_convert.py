@@ -14,15 +14,16 @@ from typing import Any
 
 import pytest
 
-from alsd.inspect import describe_blob
+from alsd.config import RegistrySettings
 from alsd.oci import formats
 from alsd.oci.estargz_writer import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 from alsd.oci.layer_index import LayerIndex
 from alsd.oci.manifest import OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, Platform
 from alsd.oci.reference import parse_reference
-from alsd.push import Pusher
-from alsd.regconf import parse_registries_conf_text
-from alsd.registry import RegistryClient, RegistrySettings
+from alsd.registry.client import RegistryClient
+from alsd.registry.push import Pusher
+from alsd.registry.regconf import parse_registries_conf_text
+from alsd.tools.inspect import describe_blob
 from tests.support.podman import PodmanFactory
 from tests.support.registry import (
     RegistryServer,

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from alsd.config import RegistrySettings
 from alsd.oci.estargz_writer import layer_descriptor, write_estargz
 from alsd.oci.manifest import OCI_MANIFEST, Platform
 from alsd.oci.reference import parse_reference
-from alsd.push import Pusher
-from alsd.regconf import parse_registries_conf_text
-from alsd.registry import RegistryClient, RegistrySettings
+from alsd.registry.client import RegistryClient
+from alsd.registry.push import Pusher
+from alsd.registry.regconf import parse_registries_conf_text
 from tests.support.daemon import running_alsd
 from tests.support.registry import RegistryServer, registry  # noqa: F401
 

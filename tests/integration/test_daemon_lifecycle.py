@@ -278,7 +278,7 @@ async def test_the_pyfuse3_shutdown_race_is_not_logged_as_an_error(
     real mount): a reader callback ``set_result`` on a future terminate() already failed."""
     import asyncio
 
-    from alsd.daemon import loop_exception_handler
+    from alsd.app.daemon import loop_exception_handler
 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(loop_exception_handler)

@@ -21,13 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from alsd.chunkstore import ChunkStore
-from alsd.engine import Engine, EngineSettings, Layer
+from alsd.config import LayerSettings
 from alsd.errors import IntegrityError, NotLazyError, UnknownLayer
-from alsd.metadata import MetadataStore
+from alsd.layers.manager import LayerManager
+from alsd.layers.model import Layer
 from alsd.oci.layer_index import Chunk
-from alsd.regconf import RegistriesConf, RegistryEntry
-from alsd.registry import RegistryClient
+from alsd.registry.client import RegistryClient
+from alsd.registry.regconf import RegistriesConf, RegistryEntry
+from alsd.storage.chunkstore import ChunkStore
+from alsd.storage.metadata import MetadataStore
 from tests.support.oci_layout import OciLayout
 from tests.support.registry import RegistryServer
 from tests.support.registry import registry as shared_registry  # noqa: F401
@@ -90,7 +92,7 @@ def _client(reg: Registry) -> RegistryClient:
 
 @dataclass
 class Env:
-    engine: Engine
+    engine: LayerManager
     store: ChunkStore
     client: RegistryClient
     state: Path
@@ -114,7 +116,7 @@ class EngineFactory:
         await store.open()
         meta = MetadataStore(state / "meta")
         client = _client(self.reg)
-        engine = Engine(client, store, meta, EngineSettings(**settings))  # type: ignore[arg-type]
+        engine = LayerManager(client, store, meta, LayerSettings(**settings))  # type: ignore[arg-type]
         await engine.load_state()
         env = Env(engine, store, client, state)
         self.envs.append(env)
@@ -140,7 +142,7 @@ def _ref(reg: Registry, tag: str) -> str:
     return f"{reg.host}/fx:{tag}"
 
 
-async def _read_all(engine: Engine, layer: Layer, path: str, piece: int = 0) -> bytes:
+async def _read_all(engine: LayerManager, layer: Layer, path: str, piece: int = 0) -> bytes:
     node = layer.index.find(path)
     assert node is not None, path
     size = layer.index.attr(node).size
@@ -485,11 +487,12 @@ _CHILD = r"""
 import asyncio, sys, os
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
-from alsd.chunkstore import ChunkStore
-from alsd.engine import Engine, EngineSettings
-from alsd.metadata import MetadataStore
-from alsd.regconf import RegistriesConf, RegistryEntry
-from alsd.registry import RegistryClient
+from alsd.storage.chunkstore import ChunkStore
+from alsd.config import LayerSettings
+from alsd.layers.manager import LayerManager
+from alsd.storage.metadata import MetadataStore
+from alsd.registry.regconf import RegistriesConf, RegistryEntry
+from alsd.registry.client import RegistryClient
 
 async def main() -> None:
     host, state = sys.argv[1], Path(sys.argv[2])
@@ -497,8 +500,8 @@ async def main() -> None:
     store = ChunkStore(state / "chunks", 1 << 30)
     await store.open()
     conf = RegistriesConf(registries=(RegistryEntry(host, host, insecure=True),))
-    engine = Engine(RegistryClient(registries=conf), store, MetadataStore(state / "meta"),
-                    EngineSettings(prefetch_landmark=False, prefetch_background=False))
+    engine = LayerManager(RegistryClient(registries=conf), store, MetadataStore(state / "meta"),
+                    LayerSettings(prefetch_landmark=False, prefetch_background=False))
     ref = f"{host}/fx:esgz"
     layers = [await engine.get_layer(ref, d) for d in digests]
     small = layers[0].index.find("data/small.txt")

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from alsd.authfile import CredentialStore
+from alsd.config import RegistrySettings
 from alsd.errors import IntegrityError, Unauthorized
 from alsd.oci.manifest import OCI_INDEX, Platform
 from alsd.oci.reference import Reference, parse_reference
-from alsd.push import BlobPush, Pusher
-from alsd.regconf import parse_registries_conf_text
-from alsd.registry import RegistryClient, RegistrySettings
+from alsd.registry.authfile import CredentialStore
+from alsd.registry.client import RegistryClient
+from alsd.registry.push import BlobPush, Pusher
+from alsd.registry.regconf import parse_registries_conf_text
 from tests.support.faultproxy import FaultProxy
 from tests.support.registry import RegistryServer, fixture_blob_path, fixture_manifest
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from alsd.authfile import CredentialStore, HelperCredentials
+from alsd.config import RegistrySettings
 from alsd.errors import ConfigError, Unauthorized
 from alsd.oci.manifest import Platform
-from alsd.regconf import parse_registries_conf_text
-from alsd.registry import RegistryClient, RegistrySettings
+from alsd.registry.authfile import CredentialStore, HelperCredentials
+from alsd.registry.client import RegistryClient
+from alsd.registry.regconf import parse_registries_conf_text
 from tests.support.registry import (
     RegistryServer,
     fixture_blob_path,

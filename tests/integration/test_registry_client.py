@@ -7,11 +7,13 @@ import json
 
 import pytest
 
+from alsd.config import RegistrySettings
+from alsd.counters import ByteCounter
 from alsd.errors import NotFound, RegistryError, Transient
 from alsd.oci.manifest import Platform
 from alsd.oci.reference import parse_reference
-from alsd.regconf import parse_registries_conf_text
-from alsd.registry import ByteCounter, RegistryClient, RegistrySettings
+from alsd.registry.client import RegistryClient
+from alsd.registry.regconf import parse_registries_conf_text
 from tests.support.registry import (
     RegistryServer,
     fixture_blob_path,

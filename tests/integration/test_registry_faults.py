@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 
-from alsd.authfile import CredentialStore
+from alsd.config import RegistrySettings
+from alsd.counters import ByteCounter
 from alsd.errors import IntegrityError, Transient
 from alsd.oci.manifest import Platform
-from alsd.regconf import parse_registries_conf_text
-from alsd.registry import ByteCounter, RegistryClient, RegistrySettings
+from alsd.registry.authfile import CredentialStore
+from alsd.registry.client import RegistryClient
+from alsd.registry.regconf import parse_registries_conf_text
 from tests.support.faultproxy import FaultProxy
 from tests.support.registry import (
     RegistryServer,

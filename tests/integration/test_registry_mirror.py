@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from alsd.config import RegistrySettings
 from alsd.errors import NotFound, Unauthorized
 from alsd.oci.manifest import Platform
-from alsd.regconf import load_registries_conf
-from alsd.registry import RegistryClient, RegistrySettings
+from alsd.registry.client import RegistryClient
+from alsd.registry.regconf import load_registries_conf
 from tests.support.registry import (
     RegistryServer,
     fixture_blob_path,

@@ -126,14 +126,14 @@ def test_overrides_are_validated() -> None:
         config.with_overrides(Config(), log_level="loud")
 
 
-def test_engine_settings_mapping() -> None:
-    from alsd.engine import EngineSettings
+def test_layer_settings_mapping() -> None:
+    from alsd.config import LayerSettings
 
     cfg = config.from_dict(
         {"layers": {"unknown_diff_size": "fallback"}, "fetch": {"concurrency": 7}}
     )
-    s = config.engine_settings(cfg)
-    assert isinstance(s, EngineSettings)
+    s = config.layer_settings(cfg)
+    assert isinstance(s, LayerSettings)
     assert s.unknown_diff_size == "fallback"
     assert s.fetch_concurrency == 7
     assert s.resolve_timeout_s == cfg.fetch.resolve_timeout_s

@@ -1,0 +1,253 @@
+"""The layer manager: the facade the filesystem talks to (get_layer, read, use/release, status).
+
+Sits between the filesystem (alsd/fs) and the registry client; knows nothing of FUSE.
+It wires the parts of this package and keeps what spans them:
+
+* :meth:`LayerManager.get_layer` bounds a lookup by ``resolve_timeout_s`` around the
+  :class:`~alsd.layers.resolver.LayerResolver` (images: :mod:`alsd.layers.images`) and
+  remembers failures per (reference, digest) for ``negative_cache_ttl_s``;
+* reads go to the :class:`~alsd.layers.reader.Reader`;
+* a resolved layer is adopted: kept in memory, its landmark prefetch and background
+  fetch started (:mod:`alsd.layers.prefetch`);
+* use/release counts; a layer is dropped from memory ``release_grace_s`` after its count
+  fell to zero (its chunks stay in the chunk store, its tasks are cancelled);
+* records are persisted through :mod:`alsd.layers.records`, so that after a restart a
+  known layer is answered without a single registry request.
+
+Concurrency rule: everything runs on the event loop thread. Resolutions are singleflight
+tasks detached from the FUSE request that started them (``asyncio.shield``), so a
+timed-out or interrupted lookup does not abort a resolution another lookup is waiting
+for. See developer-notes/concurrency.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from alsd.config import LayerSettings
+from alsd.counters import ByteCounter
+from alsd.errors import AlsdError, Transient, UnknownLayer
+from alsd.fetch.fetcher import ChunkStoreLike, Fetcher
+from alsd.fetch.scheduler import Scheduler
+from alsd.layers.images import ImageCatalog
+from alsd.layers.model import Layer, LayerStats
+from alsd.layers.ports import MetadataLike, RegistryLike
+from alsd.layers.prefetch import LayerTasks, Prefetcher
+from alsd.layers.reader import Reader
+from alsd.layers.records import Records
+from alsd.layers.resolver import LayerResolver
+from alsd.layers.singleflight import NegativeCache
+
+log = logging.getLogger(__name__)
+
+
+class LayerManager:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        registry: RegistryLike,
+        chunkstore: ChunkStoreLike,
+        metadata: MetadataLike | None,
+        settings: LayerSettings | None = None,
+    ) -> None:
+        self.settings = s = settings or LayerSettings()
+        self._store = chunkstore
+        self.scheduler = Scheduler(
+            s.fetch_concurrency,
+            quiet_period_s=s.quiet_period_s,
+            background_concurrency=s.background_concurrency,
+        )
+        self.fetcher = Fetcher(
+            registry,
+            chunkstore,
+            self.scheduler,
+            merge_gap_bytes=s.merge_gap_bytes,
+            max_request_bytes=s.max_request_bytes,
+            max_ranges_per_request=s.max_ranges_per_request,
+        )
+        self.stats = LayerStats()
+        # Every registry request the manager causes is counted here (children per layer).
+        self.registry_counter = ByteCounter()
+        self._negative: NegativeCache[tuple[str, str]] = NegativeCache(
+            s.negative_cache_ttl_s, on_hit=self._count_negative_hit
+        )
+        records = Records(metadata, self.stats)
+        self._images = ImageCatalog(
+            registry, records, self._negative, self.stats, self.registry_counter
+        )
+        self._resolver = LayerResolver(
+            registry,
+            self._images,
+            records,
+            self._negative,
+            s,
+            self.stats,
+            self.registry_counter,
+            adopt=self._adopt,
+        )
+        self._tasks = LayerTasks()
+        self._prefetcher = Prefetcher(self.fetcher, chunkstore, self.scheduler, self._tasks, s)
+        self._reader = Reader(
+            registry, self.fetcher, chunkstore, self.scheduler, self._tasks, s, self.stats
+        )
+        self._drop_timers: dict[Layer, asyncio.TimerHandle] = {}
+        self._closed = False
+
+    def _count_negative_hit(self) -> None:
+        self.stats.negative_hits += 1
+
+    # ================================================================ lifecycle
+
+    async def load_state(self) -> None:
+        """Load persisted images; layers are loaded from metadata when first asked for."""
+        await self._images.load()
+
+    async def close(self) -> None:
+        """Stop every task (resolutions, prefetch, background, read-ahead, fetches)."""
+        self._closed = True
+        self._reader.closed = True
+        tasks: list[asyncio.Task[Any]] = [
+            *self._images.cancel_all(),
+            *self._resolver.cancel_all(),
+            *self._tasks.cancel_all(),
+        ]
+        for timer in self._drop_timers.values():
+            timer.cancel()
+        self._drop_timers.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.fetcher.close()
+
+    # ================================================================ lookup
+
+    async def get_layer(self, ref: str, digest: str) -> Layer:
+        """The layer of image ``ref`` whose blob or TOC digest is ``digest``.
+
+        Raises UnknownLayer, NotLazyError, FormatError, IntegrityError or RegistryError
+        (Transient after ``resolve_timeout_s``).
+        """
+        if self._closed:
+            raise UnknownLayer("engine is closed")
+        key = (ref, digest)
+        self._negative.check(key)
+        try:
+            async with asyncio.timeout(self.settings.resolve_timeout_s):
+                layer = await self._resolver.resolve(ref, digest)
+        except TimeoutError:
+            self.stats.resolve_timeouts += 1
+            # The registry is slow or silent: the next layers of this pull should not
+            # wait resolve_timeout_s each.
+            self._images.mark_slow(ref)
+            # Not cached: the resolution goes on and a later lookup may find it done.
+            raise Transient(
+                f"{ref} {digest}: not resolved within {self.settings.resolve_timeout_s} s"
+            ) from None
+        except AlsdError as exc:
+            self._negative.remember(key, exc)
+            raise
+        if layer.use_count == 0:
+            self._arm_drop(layer)
+        return layer
+
+    def _adopt(self, layer: Layer) -> None:
+        """A resolution finished: keep the layer and start its prefetch/background."""
+        if self._closed or not self._resolver.keep(layer):
+            return
+        self._prefetcher.start(layer)
+        self._arm_drop(layer)
+
+    # ================================================================ use / release
+
+    def use(self, layer: Layer) -> None:
+        layer.use_count += 1
+        timer = self._drop_timers.pop(layer, None)
+        if timer is not None:
+            timer.cancel()
+        if self._resolver.known(layer.key) is not layer and not self._closed:
+            # Dropped while the filesystem still held it: take it back (and resume fetching).
+            self._adopt(layer)
+
+    def release(self, layer: Layer) -> None:
+        if layer.use_count <= 0:
+            # Normal after a restart: podman's counts were not persisted
+            # (developer-notes/protocol.md, "use").
+            log.debug("release of %s without a use", layer.source.name)
+            return
+        layer.use_count -= 1
+        if layer.use_count == 0:
+            self._arm_drop(layer)
+
+    def _arm_drop(self, layer: Layer) -> None:
+        timer = self._drop_timers.pop(layer, None)
+        if timer is not None:
+            timer.cancel()
+        self._drop_timers[layer] = asyncio.get_running_loop().call_later(
+            self.settings.release_grace_s, self._drop, layer
+        )
+
+    def _drop(self, layer: Layer) -> None:
+        self._drop_timers.pop(layer, None)
+        if layer.use_count > 0:
+            return
+        self._resolver.forget(layer)
+        self._prefetcher.stop(layer)
+        self._reader.forget(layer)
+        log.debug("dropped %s from memory", layer.source.name)
+
+    # ================================================================ reads
+
+    async def read(self, layer: Layer, node: int, offset: int, size: int) -> bytes:
+        """Exactly the bytes ``[offset, offset+size)`` of file ``node`` (short at EOF)."""
+        return await self._reader.read(layer, node, offset, size)
+
+    async def read_blob(self, layer: Layer, offset: int, size: int) -> bytes:
+        """Raw compressed bytes of the layer blob (for the ``blob`` file)."""
+        return await self._reader.read_blob(layer, offset, size)
+
+    # ================================================================ status
+
+    def layers(self) -> list[Layer]:
+        return self._resolver.layers()
+
+    def status(self) -> dict[str, Any]:
+        store_stats: Mapping[str, Any]
+        try:
+            store_stats = dict(self._store.stats())
+        except (AlsdError, OSError) as exc:
+            store_stats = {"error": str(exc)}
+        return {
+            "layers": [_layer_status(layer) for layer in self._resolver.layers()],
+            "images": self._images.refs(),
+            "resolving": self._resolver.resolving() + self._images.resolving(),
+            "negative_cache_entries": len(self._negative),
+            "chunk_store": store_stats,
+            "fetch": self.fetcher.stats.as_dict(),
+            "inflight_chunks": self.fetcher.inflight_count(),
+            "scheduler": self.scheduler.status(),
+            "engine": self.stats.as_dict(),
+            "registry": self.registry_counter.as_dict(),
+        }
+
+
+def _layer_status(layer: Layer) -> dict[str, Any]:
+    return {
+        "ref": layer.ref,
+        "digest": layer.blob_digest,
+        "toc_digest": layer.toc_digest,
+        "format": layer.format,
+        "layer_no": layer.layer_no,
+        "use_count": layer.use_count,
+        "compressed_size": layer.compressed_size,
+        "uncompressed_size": layer.uncompressed_size,
+        "bytes_fetched": layer.stats.bytes_fetched,
+        "bytes_served": layer.stats.bytes_served,
+        "requests": layer.stats.requests,
+        "http_requests": layer.source.counter.requests,
+        "prefetch": layer.prefetch_status(),
+        "prefetch_end": layer.index.prefetch_end,
+        "background": layer.background_status(),
+        "from_metadata": layer.from_metadata,
+    }

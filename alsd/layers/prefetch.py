@@ -1,0 +1,211 @@
+"""Fetching ahead of the reads: landmark prefetch, background fetch, and the tasks of a layer.
+
+* landmark prefetch: the prioritised region of an optimised eStargz layer (the files
+  before ``.prefetch.landmark``, in the order the container reads them) is fetched as
+  soon as the layer is resolved, in ``prefetch_request_bytes`` pieces;
+* background fetch: after the prefetch, the rest of the layer is fetched in batches of
+  ``background_batch_bytes``, each one waiting until on-demand reads have been quiet for
+  a while (:class:`~alsd.fetch.scheduler.Scheduler`).
+
+Both are idempotent: chunks already stored are skipped, so a cancelled run restarts
+without losing or refetching anything. :class:`LayerTasks` owns every task working on a
+layer (these two and the reader's read-ahead); dropping a layer cancels them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any
+
+from alsd.config import LayerSettings
+from alsd.errors import AlsdError
+from alsd.fetch.fetcher import ChunkStoreLike, Fetcher
+from alsd.fetch.scheduler import Priority, Scheduler
+from alsd.layers.model import BackgroundState, Layer, PrefetchState
+from alsd.oci.layer_index import Chunk
+
+log = logging.getLogger(__name__)
+
+
+class LayerTasks:
+    """The tasks working on each layer in memory."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[Layer, list[asyncio.Task[None]]] = {}
+
+    def spawn(self, layer: Layer, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        tasks = self._tasks.setdefault(layer, [])
+        tasks.append(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            with contextlib.suppress(ValueError):
+                tasks.remove(t)
+
+        task.add_done_callback(done)
+        return task
+
+    def cancel(self, layer: Layer) -> None:
+        for t in self._tasks.pop(layer, []):
+            t.cancel()
+
+    def cancel_all(self) -> list[asyncio.Task[None]]:
+        tasks = [t for ts in self._tasks.values() for t in ts]
+        self._tasks.clear()
+        for t in tasks:
+            t.cancel()
+        return tasks
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        store: ChunkStoreLike,
+        scheduler: Scheduler,
+        tasks: LayerTasks,
+        settings: LayerSettings,
+    ) -> None:
+        self._fetcher = fetcher
+        self._store = store
+        self._scheduler = scheduler
+        self._tasks = tasks
+        self._settings = settings
+
+    def start(self, layer: Layer) -> None:
+        """Start the landmark prefetch and the background fetch of a layer just adopted."""
+        prefetch = self._tasks.spawn(layer, self._prefetch(layer))
+        self._tasks.spawn(layer, self._background(layer, prefetch))
+
+    def stop(self, layer: Layer) -> None:
+        """Cancel everything working on ``layer`` (dropped from memory)."""
+        self._tasks.cancel(layer)
+        if layer.prefetch_state.active:
+            layer.prefetch_state = PrefetchState.CANCELLED
+        if layer.background_state.active:
+            layer.background_state = BackgroundState.CANCELLED
+
+    async def _prefetch(self, layer: Layer) -> None:
+        idx = layer.index
+        s = self._settings
+        if not s.prefetch_landmark:
+            layer.prefetch_state = PrefetchState.DISABLED
+            return
+        if idx.prefetch != "landmark" or idx.prefetch_end <= 0:
+            layer.prefetch_state = (
+                PrefetchState.NO_LANDMARK
+                if idx.prefetch is None
+                else PrefetchState.DISABLED_BY_LANDMARK
+            )
+            return
+        layer.prefetch_state = PrefetchState.RUNNING
+        end = idx.prefetch_end
+        try:
+            with self._scheduler.prefetching():
+                await self.warm(
+                    layer,
+                    _take_while(idx.iter_chunks(), lambda c: c.blob_offset < end),
+                    Priority.PREFETCH,
+                    # The region is fetched whole, in prefetch_request_bytes pieces.
+                    merge_gap_bytes=end,
+                    span_bytes=s.max_request_bytes * s.fetch_concurrency,
+                    max_request_bytes=s.prefetch_request_bytes,
+                )
+        except AlsdError as exc:
+            layer.prefetch_state = PrefetchState.FAILED
+            layer.prefetch_error = str(exc)
+            log.warning("%s: prefetch failed: %s", layer.source.name, exc)
+            return
+        layer.prefetch_state = PrefetchState.DONE
+
+    async def _background(self, layer: Layer, prefetch: asyncio.Task[None]) -> None:
+        s = self._settings
+        if not s.prefetch_background:
+            layer.background_state = BackgroundState.DISABLED
+            return
+        if s.background_max_layer_bytes is not None and (
+            layer.compressed_size > s.background_max_layer_bytes
+        ):
+            layer.background_state = BackgroundState.TOO_LARGE
+            return
+        await asyncio.wait([prefetch])
+        layer.background_state = BackgroundState.WAITING
+        try:
+            async with self._scheduler.background():
+                layer.background_state = BackgroundState.RUNNING
+                await self.warm(
+                    layer,
+                    layer.index.iter_chunks(),
+                    Priority.BACKGROUND,
+                    merge_gap_bytes=s.merge_gap_bytes,
+                    span_bytes=s.background_batch_bytes,
+                    before_batch=self._scheduler.wait_quiet,
+                )
+        except AlsdError as exc:
+            layer.background_state = BackgroundState.FAILED
+            layer.background_error = str(exc)
+            log.warning("%s: background fetch failed: %s", layer.source.name, exc)
+            return
+        layer.background_state = BackgroundState.DONE
+
+    async def warm(
+        self,
+        layer: Layer,
+        chunks: Iterable[tuple[int, Chunk]],
+        priority: Priority,
+        *,
+        merge_gap_bytes: int,
+        span_bytes: int,
+        before_batch: Callable[[], Awaitable[None]] | None = None,
+        max_request_bytes: int | None = None,
+    ) -> None:
+        """Fetch and store the chunks the store lacks, in batches of about ``span_bytes``."""
+        batch: list[tuple[int, Chunk]] = []
+        start = 0
+        for node, c in chunks:
+            if c.zeros or self._store.has(c.digest):
+                continue
+            if batch and c.fetch_end - start > span_bytes:
+                await self._batch(
+                    layer, batch, priority, merge_gap_bytes, before_batch, max_request_bytes
+                )
+                batch = []
+            if not batch:
+                start = c.blob_offset
+            batch.append((node, c))
+        if batch:
+            await self._batch(
+                layer, batch, priority, merge_gap_bytes, before_batch, max_request_bytes
+            )
+
+    async def _batch(
+        self,
+        layer: Layer,
+        batch: list[tuple[int, Chunk]],
+        priority: Priority,
+        merge_gap_bytes: int,
+        before_batch: Callable[[], Awaitable[None]] | None,
+        max_request_bytes: int | None,
+    ) -> None:
+        if before_batch is not None:
+            await before_batch()
+        await self._fetcher.get_chunks(
+            layer.source,
+            batch,
+            priority,
+            merge_gap_bytes=merge_gap_bytes,
+            keep=False,
+            max_request_bytes=max_request_bytes,
+        )
+
+
+def _take_while(
+    it: Iterable[tuple[int, Chunk]], pred: Callable[[Chunk], bool]
+) -> Iterable[tuple[int, Chunk]]:
+    for node, c in it:
+        if not pred(c):
+            return
+        yield node, c

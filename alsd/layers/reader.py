@@ -1,0 +1,227 @@
+"""The read path: bytes of a file of a layer, and raw bytes of its blob.
+
+A file read takes the chunks of the byte range from the chunk store when all are there
+(reading only the requested slice of each); otherwise through the
+:class:`~alsd.fetch.fetcher.Fetcher` (coalesced, verified range reads). A read that has
+to go to the registry also reads ahead: the ``readahead_bytes`` of the blob that follow
+it are fetched in a request of their own (files next to each other in a layer tend to
+be read together: a package's modules, a library and its data).
+
+Blob reads (the ``blob`` file, read by exports) fetch ``blob_readahead_bytes`` at a time
+and keep the last piece per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+from alsd.config import LayerSettings
+from alsd.errors import AlsdError, FormatError, IntegrityError, RegistryError
+from alsd.fetch.fetcher import ChunkStoreLike, Fetcher
+from alsd.fetch.scheduler import Priority, Scheduler
+from alsd.layers.model import Layer, LayerStats
+from alsd.layers.ports import RegistryLike
+from alsd.layers.prefetch import LayerTasks
+from alsd.oci.layer_index import Chunk, EntryKind
+
+log = logging.getLogger(__name__)
+
+
+class Reader:
+    def __init__(
+        self,
+        registry: RegistryLike,
+        fetcher: Fetcher,
+        store: ChunkStoreLike,
+        scheduler: Scheduler,
+        tasks: LayerTasks,
+        settings: LayerSettings,
+        stats: LayerStats,
+    ) -> None:
+        self._registry = registry
+        self._fetcher = fetcher
+        self._store = store
+        self._scheduler = scheduler
+        self._tasks = tasks
+        self._settings = settings
+        self._stats = stats
+        # The last piece of each layer's blob read (exports read in small pieces).
+        self._blob_cache: dict[Layer, tuple[int, bytes]] = {}
+        self.closed = False
+
+    def forget(self, layer: Layer) -> None:
+        self._blob_cache.pop(layer, None)
+
+    async def read(self, layer: Layer, node: int, offset: int, size: int) -> bytes:
+        """Exactly the bytes ``[offset, offset+size)`` of file ``node`` (short at EOF)."""
+        attr = layer.index.attr(node)
+        if attr.kind != EntryKind.REG or size <= 0 or offset < 0 or offset >= attr.size:
+            return b""
+        end = min(attr.size, offset + size)
+        chunks = layer.index.chunks_in_range(node, offset, end - offset)
+        self._stats.reads += 1
+        t0 = time.monotonic()
+        try:
+            out = await self._read_stored(layer, node, chunks, offset, end)
+            if out is None:
+                with self._scheduler.demand():
+                    fetch = self._fetcher.get_chunks(
+                        layer.source, [(node, c) for c in chunks], Priority.DEMAND
+                    )
+                    # The read-ahead task runs after this read has registered its chunks
+                    # and before the fetcher flushes them: both requests go out together.
+                    self._read_ahead(layer, chunks)
+                    got = await fetch
+                out = _assemble(layer, node, chunks, got, offset, end)
+        except AlsdError:
+            self._stats.read_errors += 1
+            raise
+        finally:
+            self._stats.read_latency_sum_s += time.monotonic() - t0
+        self._stats.read_bytes += len(out)
+        layer.source.stats.bytes_served += len(out)
+        return out
+
+    def _read_ahead(self, layer: Layer, chunks: Sequence[Chunk]) -> None:
+        """Start fetching the ``readahead_bytes`` of the blob that follow ``chunks``.
+
+        Called when a read misses the store; the chunks that follow in the blob belong to
+        the next files of the layer (tar order), which a starting program tends to read
+        next (Python's modules, a library's neighbours). They are fetched in a request of
+        their own, at prefetch priority, so the read that missed is not delayed by them;
+        a later read of one of them joins the fetch in flight. Not while the landmark
+        prefetch is still fetching the region the read is in: those chunks come anyway.
+        Errors only cost the read-ahead (the chunks are fetched again when read).
+        """
+        n = self._settings.readahead_bytes
+        if n <= 0 or not chunks or self.closed:
+            return
+        end = max(c.fetch_end for c in chunks)
+        idx = layer.index
+        if layer.prefetch_state.active and end <= idx.prefetch_end:
+            return
+        limit = end + n
+        ahead: list[tuple[int, Chunk]] = []
+        for node, c in idx.iter_chunks(end):
+            if c.fetch_end > limit:
+                break
+            if not c.zeros and not self._store.has(c.digest):
+                ahead.append((node, c))
+        if not ahead:
+            return
+        self._stats.readahead_requests += 1
+        self._tasks.spawn(layer, self._fetch_ahead(layer, ahead))
+
+    async def _fetch_ahead(self, layer: Layer, ahead: list[tuple[int, Chunk]]) -> None:
+        n = self._settings.readahead_bytes
+        try:
+            await self._fetcher.get_chunks(
+                layer.source, ahead, Priority.PREFETCH, keep=False,
+                merge_gap_bytes=n, max_request_bytes=n,
+            )  # fmt: skip
+        except AlsdError as exc:
+            # The fetcher logged it; a later read fetches those chunks itself.
+            self._stats.readahead_errors += 1
+            log.debug("%s: read-ahead failed: %s", layer.source.name, exc)
+
+    async def _read_stored(
+        self, layer: Layer, node: int, chunks: Sequence[Chunk], offset: int, end: int
+    ) -> bytes | None:
+        """``[offset, end)`` when every chunk is in the chunk store, reading only the
+        requested slice of each; None otherwise. Does not count as on-demand activity for
+        the scheduler: nothing is fetched."""
+        wanted: list[tuple[Chunk, int, int]] = []
+        pos = offset
+        for c in chunks:
+            c_end = c.file_offset + c.size
+            if c_end <= pos:
+                continue
+            if c.file_offset > pos:
+                return None  # a hole in the chunk list: let _assemble report it
+            hi = min(end, c_end)
+            wanted.append((c, pos - c.file_offset, hi - c.file_offset))
+            pos = hi
+            if pos >= end:
+                break
+        if pos != end:
+            return None
+        parts = await self._fetcher.get_stored_slices(wanted)
+        if parts is None:
+            return None
+        last, lo, _ = wanted[-1]
+        if lo == 0:
+            # Reading a chunk from its start: a sequential reader will want the file's
+            # next chunk soon, so let the disk fetch it meanwhile.
+            self._fetcher.advise_next(layer.index.chunks(node), last)
+        for (c, lo, hi), part in zip(wanted, parts, strict=True):
+            if len(part) != hi - lo:
+                # A stored chunk shorter than the TOC says: same error as the general path.
+                raise IntegrityError(
+                    f"{layer.source.name}: {layer.index.path(node)}@{c.file_offset}: chunk "
+                    f"has fewer bytes than the TOC says ({c.size})"
+                )
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def read_blob(self, layer: Layer, offset: int, size: int) -> bytes:
+        """Raw compressed bytes of the layer blob (for the ``blob`` file)."""
+        total = layer.compressed_size
+        if size <= 0 or offset < 0 or offset >= total:
+            return b""
+        end = min(total, offset + size)
+        cached = self._blob_cache.get(layer)
+        if cached is not None and cached[0] <= offset and end <= cached[0] + len(cached[1]):
+            start = offset - cached[0]
+            return cached[1][start : start + end - offset]
+        # Exports read sequentially in small pieces: fetch ahead and keep the last piece.
+        fetch_end = min(total, max(end, offset + self._settings.blob_readahead_bytes))
+        with self._scheduler.demand():
+            async with self._scheduler.slot(Priority.DEMAND):
+                self._stats.blob_requests += 1
+                (body,) = await self._registry.read_ranges(
+                    layer.source.ref,
+                    layer.blob_digest,
+                    [(offset, fetch_end)],
+                    counter=layer.source.counter,
+                )
+        if len(body) != fetch_end - offset:
+            raise RegistryError(f"{layer.source.name}: short blob read at {offset}")
+        self._stats.blob_bytes += len(body)
+        layer.source.stats.bytes_fetched += len(body)
+        self._blob_cache[layer] = (offset, body)
+        return body[: end - offset]
+
+
+def _assemble(
+    layer: Layer,
+    node: int,
+    chunks: Sequence[Chunk],
+    got: Mapping[str, bytes],
+    offset: int,
+    end: int,
+) -> bytes:
+    out = bytearray()
+    pos = offset
+    for c in chunks:
+        if c.file_offset + c.size <= pos:
+            continue
+        if c.file_offset > pos:
+            break
+        data = got[c.digest]
+        if len(data) != c.size:
+            raise IntegrityError(
+                f"{layer.source.name}: {layer.index.path(node)}@{c.file_offset}: chunk has "
+                f"{len(data)} bytes, TOC says {c.size}"
+            )
+        hi = min(end, c.file_offset + c.size)
+        out += data[pos - c.file_offset : hi - c.file_offset]
+        pos = hi
+        if pos >= end:
+            break
+    if pos != end:
+        raise FormatError(
+            f"{layer.source.name}: {layer.index.path(node)}: chunks do not cover "
+            f"[{offset}, {end}) (stopped at {pos})"
+        )
+    return bytes(out)
