@@ -1,8 +1,9 @@
 """Push blobs, manifests and indexes to a registry (OCI distribution spec, push side).
 
-Used by ``alsd convert``. Every request goes through :meth:`RegistryClient.request`, so
-pushes share the client's authentication (Bearer tokens are asked for with
-``repository:NAME:push,pull``), redirect rules, retries, deadline and error mapping.
+Used by ``alsd convert``. Every request goes through the client's
+:class:`~alsd.registry.transport.Transport`, so pushes share the client's authentication
+(Bearer tokens are asked for with ``repository:NAME:push,pull``), redirect rules,
+retries, deadline and error mapping.
 Pushes always go to the registry itself (after registries.conf ``location`` rewriting),
 never to a mirror.
 
@@ -31,7 +32,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -44,8 +45,11 @@ from alsd.oci.manifest import ACCEPT_MANIFESTS, sha256_digest
 from alsd.oci.reference import Reference
 from alsd.registry.client import RegistryClient
 from alsd.registry.regconf import Endpoint
+from alsd.registry.transport import Handler
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_CHUNK_THRESHOLD = 32 << 20
 DEFAULT_UPLOAD_CHUNK = 16 << 20
@@ -106,7 +110,31 @@ class Pusher:
         self, resp: aiohttp.ClientResponse, ref: Reference, ep: Endpoint, what: str
     ) -> NoReturn:
         """Raise the client's error for an answer a handler does not accept."""
-        await self.client.raise_for_status(resp, ref, ep, what, self.counter)
+        await self.client.transport.raise_status(resp, ref, ep, what, self.counter)
+
+    async def _request(
+        self,
+        ep: Endpoint,
+        ref: Reference,
+        method: str,
+        url: str,
+        handler: Handler[T],
+        *,
+        headers: dict[str, str] | None = None,
+        data: bytes | None = None,
+        scopes: Sequence[str] = (),
+        counter: ByteCounter | None = None,
+    ) -> T:
+        """One request through the client's transport (auth, redirects, retries, deadline).
+
+        ``scopes`` are token scopes (default: pull ``ep.repository``). ``data`` is resent on
+        a retry, so only idempotent requests (or ones whose handler copes) go this way.
+        """
+        transport = self.client.transport
+        return await transport.call(
+            ep, ref, method, url, handler, counter, transport.attempt(),
+            headers=headers, data=data, scope=" ".join(scopes) or None,
+        )  # fmt: skip
 
     @staticmethod
     def _location(resp: aiohttp.ClientResponse, what: str, ref: Reference) -> str:
@@ -141,14 +169,7 @@ class Pusher:
         async def handler(resp: aiohttp.ClientResponse) -> PulledManifest:
             if resp.status != 200:
                 await self._fail(resp, ref, ep, what)
-            buf = bytearray()
-            async for chunk in resp.content.iter_any():
-                if self.counter is not None:
-                    self.counter.add(len(chunk))
-                buf += chunk
-                if len(buf) > limit:
-                    raise RegistryError(f"{ref}: {what} on {ep.host} exceeds {limit} bytes")
-            body = bytes(buf)
+            body = await self.client.transport.read_body(resp, self.counter, limit, ref, ep)
             digest = sha256_digest(body)
             header = resp.headers.get("Docker-Content-Digest")
             if header and header.startswith("sha256:") and header != digest:
@@ -158,7 +179,7 @@ class Pusher:
                 )
             return PulledManifest(body, resp.headers.get("Content-Type"), digest)
 
-        got = await self.client.request(
+        got = await self._request(
             ep,
             ref,
             "GET",
@@ -184,7 +205,7 @@ class Pusher:
                 return False
             await self._fail(resp, ref, ep, f"blob {digest}")
 
-        return await self.client.request(
+        return await self._request(
             ep,
             ref,
             "HEAD",
@@ -249,7 +270,7 @@ class Pusher:
                 return False, self._location(resp, what, ref)
             await self._fail(resp, ref, ep, what)
 
-        return await self.client.request(
+        return await self._request(
             ep,
             ref,
             "POST",
@@ -269,7 +290,7 @@ class Pusher:
                 return self._location(resp, what, ref)
             await self._fail(resp, ref, ep, what)
 
-        return await self.client.request(
+        return await self._request(
             ep,
             ref,
             "POST",
@@ -291,7 +312,7 @@ class Pusher:
             await self._fail(resp, ref, ep, what)
 
         try:
-            await self.client.request(
+            await self._request(
                 ep,
                 ref,
                 "PUT",
@@ -346,7 +367,7 @@ class Pusher:
                 raise _Resume
             await self._fail(resp, ref, ep, what)
 
-        return await self.client.request(
+        return await self._request(
             ep,
             ref,
             "PATCH",
@@ -378,7 +399,7 @@ class Pusher:
                 return loc, nxt
             await self._fail(resp, ref, ep, what)
 
-        return await self.client.request(
+        return await self._request(
             ep, ref, "GET", location, handler, scopes=self._scopes(ep), counter=self.counter
         )
 
@@ -406,7 +427,7 @@ class Pusher:
                 return
             await self._fail(resp, ref, ep, what)
 
-        await self.client.request(
+        await self._request(
             ep,
             ref,
             "PUT",

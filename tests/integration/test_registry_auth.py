@@ -154,8 +154,8 @@ async def test_token_renewed_on_401(registry_token: RegistryServer, fixtures: ob
         before = len(ts.requests)
         # White-box: make the cached token one the registry refuses (as a revoked or
         # expired token would be), with a far expiry so only a 401 can renew it.
-        key = next(iter(c._tokens))
-        c._tokens[key] = ("not-a-jwt", c._tokens[key][1] + 3600)
+        key = next(iter(c.authorizer._tokens))
+        c.authorizer._tokens[key] = ("not-a-jwt", c.authorizer._tokens[key][1] + 3600)
         img = await c.resolve(ref)
         assert img.manifest_digest == fixture_manifest("esgz")[0]
     assert len(ts.requests) == before + 1
@@ -179,7 +179,7 @@ async def test_token_expiry_default_and_short(tmp_path: Path, fixtures: object) 
         ref = server.push_fixture("gzip")
         async with client(server, None) as c:
             await c.resolve(ref)
-            ((_token, expiry),) = c._tokens.values()
+            ((_token, expiry),) = c.authorizer._tokens.values()
             assert 0 < expiry - time.monotonic() <= 60
 
 
@@ -195,8 +195,8 @@ async def test_expired_token_is_renewed_before_use(
         await c.resolve(ref)
         assert len(ts.requests) == before  # still valid: reused
         # White-box: let the cached token reach its expiry (instead of waiting for it).
-        ((key, (token, _)),) = c._tokens.items()
-        c._tokens[key] = (token, time.monotonic() - 1)
+        ((key, (token, _)),) = c.authorizer._tokens.items()
+        c.authorizer._tokens[key] = (token, time.monotonic() - 1)
         await c.resolve(ref)
         assert len(ts.requests) == before + 1
-        assert c._tokens[key][0] != token
+        assert c.authorizer._tokens[key][0] != token
