@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from alsd.errors import FormatError, IntegrityError, NotLazyError
 from alsd.oci import annotations as keys
 from alsd.oci import estargz, zstdchunked
-from alsd.oci.layer_index import Chunk, EntryKind, LayerFormat, LayerIndex, build_index
+from alsd.oci.index_builder import build_index
+from alsd.oci.layer_index import Chunk, EntryKind, LayerFormat, LayerIndex
 from alsd.oci.tarsplit import tarsplit_uncompressed_size as _tarsplit_size
 
 __all__ = [

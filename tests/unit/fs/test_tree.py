@@ -11,7 +11,8 @@ import pytest
 
 from alsd.errors import UnknownLayer
 from alsd.fs.tree import ROOT_INODE, Kind, Tree, decode_ref_name, encode_ref_name
-from alsd.oci.layer_index import LayerFormat, LayerIndex, build_index
+from alsd.oci.index_builder import build_index
+from alsd.oci.layer_index import LayerFormat, LayerIndex
 
 REF = "docker.io/library/ubuntu:latest"
 REF_NAME = "ZG9ja2VyLmlvL2xpYnJhcnkvdWJ1bnR1OmxhdGVzdA=="  # spec.md §1.3

@@ -9,13 +9,12 @@ import msgpack
 import pytest
 
 from alsd.errors import FormatError
+from alsd.oci.index_builder import build_index, parse_rfc3339_ns
 from alsd.oci.layer_index import (
     EntryKind,
     LayerFormat,
     LayerIndex,
-    build_index,
     normalize_name,
-    parse_rfc3339_ns,
 )
 
 
