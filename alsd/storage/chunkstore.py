@@ -1,11 +1,7 @@
 """Content-addressed store of uncompressed chunks on local disk, with LRU eviction.
 
-Layout under ``root`` (see developer-notes/storage.md)::
-
-    chunks/sha256/<hex[:2]>/<hex>   one file per chunk, named by sha256 of its content
-    tmp/<hex>.<random>              chunks being written; swept at open()
-    store-state                     "open <boot id>" while in use, "clean" after close()
-    lock                            flock(2)ed while open: one process per store
+The files (layout, recovery at open, reads and writes) are
+:mod:`alsd.storage.chunkfiles`; this module keeps the bookkeeping and the async API.
 
 A chunk is hashed *before* anything is written, written to ``tmp/`` and renamed into place,
 so the final path only ever holds a complete file with the right content. The store is a
@@ -27,37 +23,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
-import fcntl
-import hashlib
 import logging
 import os
-import re
-import secrets
-import shutil
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from alsd.errors import IntegrityError, StoreError
+from alsd.storage.chunkfiles import HEX_RE, ChunkFiles, sha256_hex
 
 log = logging.getLogger(__name__)
 
 DIGEST_PREFIX = "sha256:"
-_HEX_RE = re.compile(r"[0-9a-f]{64}")
 # Below this size hashing in the loop is cheaper than a hop to a worker thread.
 _INLINE_HASH_MAX = 64 * 1024
-# A read refreshes the file's mtime (the LRU order used after a restart) at most this often.
-_TOUCH_INTERVAL_NS = 60 * 1_000_000_000
-# preadv flag: fail with EAGAIN instead of waiting for the disk (Linux >= 4.14).
-_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
-_STATE_FILE = "store-state"
-_LOCK_FILE = "lock"
-_BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 
 
 def chunk_hex(digest: str) -> str | None:
@@ -65,66 +46,7 @@ def chunk_hex(digest: str) -> str | None:
     if not digest.startswith(DIGEST_PREFIX):
         return None
     hx = digest[len(DIGEST_PREFIX) :]
-    return hx if _HEX_RE.fullmatch(hx) else None
-
-
-def _sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _boot_id() -> str | None:
-    try:
-        return _BOOT_ID_FILE.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _write_small_file_durably(path: Path, text: str) -> None:
-    """Write a tiny file atomically and durably (tmp, fsync, rename, fsync dir)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _syncfs(path: Path) -> None:
-    """Flush the filesystem holding ``path`` (syncfs(2); falls back to sync(2))."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
-            os.sync()
-    except (OSError, AttributeError):
-        os.sync()
-    finally:
-        os.close(fd)
-
-
-def _willneed(fd: int, offset: int, length: int) -> None:
-    """Start reading ``[offset, offset+length)`` (0 = to the end) into the page cache;
-    does not wait for the disk. Only a hint: errors are ignored."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-
-
-@dataclass
-class _OpenResult:
-    lock_fd: int
-    entries: list[tuple[str, int]]  # (hex, size), least recently used first
-    trusted: bool
-    swept: int
-    evicted: int
-    strays: int = 0
-    warnings: list[str] = field(default_factory=list)
+    return hx if HEX_RE.fullmatch(hx) else None
 
 
 class ChunkStore:
@@ -142,8 +64,7 @@ class ChunkStore:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self._root = Path(root)
-        self._chunk_dir = self._root / "chunks" / "sha256"
-        self._tmp_dir = self._root / "tmp"
+        self._files = ChunkFiles(self._root)
         self._max = max_bytes
         self._verify_reads = verify_reads
         # hex -> size, least recently used first. With _total and _reserved this is the size
@@ -167,7 +88,6 @@ class ChunkStore:
         self._put_declined = 0
         self._corrupt = 0
         self._cached_reads = 0  # reads served on the loop thread from the page cache
-        self._nowait = _RWF_NOWAIT != 0
 
     # ------------------------------------------------------------------ properties
 
@@ -187,7 +107,7 @@ class ChunkStore:
         return self._path(hx)
 
     def _path(self, hx: str) -> Path:
-        return self._chunk_dir / hx[:2] / hx
+        return self._files.path(hx)
 
     # ------------------------------------------------------------------ size invariant
 
@@ -285,7 +205,7 @@ class ChunkStore:
         if self._opened:
             raise StoreError("chunk store already open")
         try:
-            res = await asyncio.to_thread(self._open_sync)
+            res = await asyncio.to_thread(self._files.open_sync, self._max)
         except OSError as exc:
             raise StoreError(f"cannot open chunk store at {self._root}: {exc}") from exc
         self._lock_fd = res.lock_fd
@@ -312,98 +232,6 @@ class ChunkStore:
             "" if res.trusted else "; unclean shutdown across a reboot: chunks re-hashed on read",
         )
 
-    def _open_sync(self) -> _OpenResult:
-        self._root.mkdir(parents=True, exist_ok=True)
-        # Another process using the same store would have its tmp files swept and its
-        # accounting silently wrong: refuse. The kernel drops the lock when a process dies.
-        # Opened read-only: flock needs no write access, and an fd open for writing would
-        # keep the filesystem from being remounted read-only.
-        lock_fd = os.open(self._root / _LOCK_FILE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            raise StoreError(f"chunk store {self._root} is in use by another process") from None
-        except BaseException:
-            os.close(lock_fd)
-            raise
-        try:
-            return self._open_locked(lock_fd)
-        except BaseException:
-            os.close(lock_fd)
-            raise
-
-    def _open_locked(self, lock_fd: int) -> _OpenResult:
-        warnings: list[str] = []
-        self._tmp_dir.mkdir(parents=True, exist_ok=True)
-        self._chunk_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(256):
-            (self._chunk_dir / f"{i:02x}").mkdir(exist_ok=True)
-
-        swept = 0
-        with os.scandir(self._tmp_dir) as it:
-            for entry in it:
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path)
-                    else:
-                        os.unlink(entry.path)
-                    swept += 1
-                except OSError as exc:
-                    warnings.append(f"chunk store: cannot remove leftover {entry.path}: {exc}")
-
-        state_path = self._root / _STATE_FILE
-        try:
-            state = state_path.read_text().split()
-        except FileNotFoundError:
-            state = []
-        boot = _boot_id()
-        trusted = state == ["clean"] or (
-            len(state) == 2 and state[0] == "open" and boot is not None and state[1] == boot
-        )
-        # Durable before any chunk is written in this run: if the OS crashes from here on,
-        # the next open sees "open <this boot>" with a new boot id and re-hashes.
-        _write_small_file_durably(state_path, f"open {boot or 'unknown'}\n")
-
-        found: list[tuple[int, str, int]] = []
-        strays = 0
-        for i in range(256):
-            prefix = f"{i:02x}"
-            with os.scandir(self._chunk_dir / prefix) as it:
-                for entry in it:
-                    name = entry.name
-                    if entry.is_file(follow_symlinks=False) and (
-                        _HEX_RE.fullmatch(name) and name.startswith(prefix)
-                    ):
-                        st = entry.stat(follow_symlinks=False)
-                        found.append((st.st_mtime_ns, name, st.st_size))
-                        continue
-                    # Not something we wrote: a file that is not a chunk must not be trusted.
-                    if not entry.is_dir(follow_symlinks=False):
-                        try:
-                            os.unlink(entry.path)
-                            strays += 1
-                        except OSError as exc:
-                            warnings.append(f"chunk store: cannot remove stray {entry.path}: {exc}")
-        found.sort()
-        total = sum(size for _, _, size in found)
-        evicted = 0
-        start = 0
-        # The limit may have been lowered since the last run: drop the oldest first.
-        while total > self._max and start < len(found):
-            _, hx, size = found[start]
-            start += 1
-            try:
-                os.unlink(self._path(hx))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                warnings.append(f"chunk store: cannot evict {hx}: {exc}")
-            total -= size
-            evicted += 1
-        entries = [(hx, size) for _, hx, size in found[start:]]
-        return _OpenResult(lock_fd, entries, trusted, swept, evicted, strays, warnings)
-
     async def close(self) -> None:
         """Finish pending writes, flush the filesystem and mark the store cleanly closed."""
         if not self._opened or self._closed:
@@ -412,17 +240,13 @@ class ChunkStore:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            await asyncio.to_thread(self._close_sync)
+            await asyncio.to_thread(self._files.close_sync)
         except OSError as exc:
             log.warning("chunk store %s: not marked clean at close: %s", self._root, exc)
         finally:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
-
-    def _close_sync(self) -> None:
-        _syncfs(self._root)
-        _write_small_file_durably(self._root / _STATE_FILE, "clean\n")
 
     def _ensure_open(self) -> None:
         if not self._opened or self._closed:
@@ -491,14 +315,14 @@ class ChunkStore:
             self._hits += 1
             return b""
         result: bytes | str | None = None
-        if not verify and self._nowait:
-            result = self._read_cached(hx, size, lo, hi)
+        if not verify and self._files.nowait:
+            result = self._files.read_cached(hx, size, lo, hi)
             if result is not None:
                 self._cached_reads += 1
         if result is None:
             self._pin(hx)
             try:
-                result = await asyncio.to_thread(self._read_sync, hx, size, lo, hi, verify)
+                result = await asyncio.to_thread(self._files.read_sync, hx, size, lo, hi, verify)
             finally:
                 self._unpin(hx)
         if isinstance(result, str):
@@ -509,89 +333,13 @@ class ChunkStore:
         self._hits += 1
         return result if (lo, hi) == (start, end) else result[start:end]
 
-    def _read_cached(self, hx: str, size: int, start: int, end: int) -> bytes | None:
-        """On the loop thread: the slice when the page cache holds all of it and the file
-        needs no bookkeeping (right size, touched recently), else None (a worker thread
-        then reads it, waiting for the disk, and reports what is wrong). Never waits for
-        the disk: ``preadv`` with ``RWF_NOWAIT``."""
-        try:
-            fd = os.open(self._path(hx), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if st.st_size != size or time.time_ns() - st.st_mtime_ns > _TOUCH_INTERVAL_NS:
-                return None
-            buf = bytearray(end - start)
-            n = os.preadv(fd, [buf], start, _RWF_NOWAIT)
-        except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                self._nowait = False  # this filesystem or kernel cannot: stop trying
-            return None  # EAGAIN: some of the slice is not in the page cache
-        finally:
-            os.close(fd)
-        return bytes(buf) if n == len(buf) else None
-
-    def _read_sync(self, hx: str, size: int, start: int, end: int, verify: bool) -> bytes | str:
-        """Read ``[start, end)`` of a chunk file (``verify``: the whole file, re-hashed);
-        returns the bytes or a description of what is wrong."""
-        path = self._path(hx)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return "file is missing"
-        except OSError as exc:
-            return f"cannot open: {exc}"
-        try:
-            st = os.fstat(fd)
-            if st.st_size != size:
-                return f"file has {st.st_size} bytes, {size} recorded"
-            want = end - start
-            parts: list[bytes] = []
-            got = 0
-            while got < want:
-                part = os.pread(fd, want - got, start + got)
-                if not part:
-                    break
-                parts.append(part)
-                got += len(part)
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            if len(data) != want:
-                return f"short read: {len(data)} of {want} bytes at {start}"
-            if verify and _sha256_hex(data) != hx:
-                return "content does not match its digest"
-            if start == 0 and end < size:
-                # Each read opens the file afresh, so the kernel sees no sequential
-                # pattern and reads just the slice, synchronously. A read from the start
-                # of a chunk usually goes on through it: ask for the rest now.
-                _willneed(fd, end, size - end)
-            if time.time_ns() - st.st_mtime_ns > _TOUCH_INTERVAL_NS:
-                # Refresh the restart-time LRU order; failure (read-only fs) is harmless.
-                with contextlib.suppress(OSError):
-                    os.utime(fd)
-            return data
-        except OSError as exc:
-            return f"read error: {exc}"
-        finally:
-            os.close(fd)
-
     def advise(self, digest: str) -> None:
         """Hint that a stored chunk will be read soon: start reading its file into the
         page cache in the background. Nothing happens if it is not stored."""
         hx = chunk_hex(digest)
         if hx is None or hx not in self._lru or self._closed:
             return
-        self._spawn(asyncio.to_thread(self._advise_sync, hx))
-
-    def _advise_sync(self, hx: str) -> None:
-        try:
-            fd = os.open(self._path(hx), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return  # evicted or gone meanwhile: only a hint
-        try:
-            _willneed(fd, 0, 0)
-        finally:
-            os.close(fd)
+        self._spawn(asyncio.to_thread(self._files.advise_sync, hx))
 
     def _drop_bad(self, hx: str, reason: str) -> None:
         self._corrupt += 1
@@ -604,19 +352,9 @@ class ChunkStore:
 
     async def _unlink_later(self, hx: str) -> None:
         try:
-            await asyncio.to_thread(self._unlink_sync, [hx])
+            await asyncio.to_thread(self._files.unlink_sync, [hx])
         finally:
             self._busy.pop(hx).set()
-
-    def _unlink_sync(self, hexes: list[str]) -> None:
-        for hx in hexes:
-            try:
-                os.unlink(self._path(hx))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                # Left on disk, unaccounted; the next open() counts it again.
-                log.warning("chunk store: cannot remove sha256:%s: %s", hx, exc)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
@@ -641,9 +379,9 @@ class ChunkStore:
         if hx is None:
             raise IntegrityError(f"malformed chunk digest {digest!r}")
         if len(data) <= _INLINE_HASH_MAX:
-            actual = _sha256_hex(data)
+            actual = sha256_hex(data)
         else:
-            actual = await asyncio.to_thread(_sha256_hex, data)
+            actual = await asyncio.to_thread(sha256_hex, data)
         if actual != hx:
             raise IntegrityError(f"chunk {digest}: content hashes to {DIGEST_PREFIX}{actual}")
         while (ev := self._busy.get(hx)) is not None:
@@ -673,7 +411,7 @@ class ChunkStore:
         size = len(data)
         err: OSError | None
         try:
-            err = await asyncio.to_thread(self._write_sync, hx, data, victims)
+            err = await asyncio.to_thread(self._files.write_sync, hx, data, victims)
         except BaseException:
             err = OSError(errno.EIO, "write interrupted")
             raise
@@ -699,24 +437,3 @@ class ChunkStore:
                 err,
             )
         return False
-
-    def _write_sync(self, hx: str, data: bytes, victims: list[str]) -> OSError | None:
-        # No fsync: chunks are a cache. A process crash keeps the page cache; an OS crash
-        # is detected at the next open() (boot id) and then every chunk is re-hashed.
-        self._unlink_sync(victims)
-        tmp = self._tmp_dir / f"{hx}.{secrets.token_hex(6)}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-            finally:
-                os.close(fd)
-            os.rename(tmp, self._path(hx))
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            return exc
-        return None

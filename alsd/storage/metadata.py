@@ -23,12 +23,10 @@ functions in a worker thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
 import re
-import secrets
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any
 import msgpack
 
 from alsd.errors import StoreError
+from alsd.storage.durable import write_durably
 
 log = logging.getLogger(__name__)
 
@@ -149,37 +148,15 @@ def unpack(
 # ---------------------------------------------------------------------- atomic files
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically and durably; raise MetadataError on failure.
 
-    Order matters: the data is fsynced before the rename (else a crash could leave the new
-    name pointing at an empty file), and the directory after it (else the rename itself
-    may be lost). A writer killed before the rename leaves only a ``.tmp.*`` file, which
-    readers ignore and :meth:`MetadataStore.sweep` removes.
+    A writer killed before the rename leaves only a ``.tmp.*`` file, which readers ignore
+    and :meth:`MetadataStore.sweep` removes.
     """
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(6)}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        write_durably(path, data, mode=0o600, tmp_prefix=_TMP_PREFIX)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise MetadataError(f"cannot write {path}: {exc}") from exc
 
 
