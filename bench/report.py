@@ -96,6 +96,79 @@ def _cold_table(b: Bench, label: str) -> list[str]:
     return lines
 
 
+def _compare_table(b: Bench, label: str, name: str) -> list[str]:
+    """alsd and stargz-store side by side per image (ratios of medians), or nothing."""
+    from bench.runner import IMAGES, VARIANTS
+
+    rows = []
+    read_set = b.images.get(name, {}).get("read_set", {})
+    for k, im in IMAGES.items():
+        a = next((b.cold.get((label, v.key)) for v in VARIANTS
+                  if v.image == k and v.store == "alsd"), None)  # fmt: skip
+        s = b.cold.get((label, f"sgz-{k}"))
+        if s is None:
+            continue
+        ok_a = a is not None and a.total.ok
+        ok_s = s.total.ok
+        t = _ratio(a.total.median, s.total.median) if a and ok_a and ok_s else "–"
+        by = _ratio(a.bytes_total.median, s.bytes_total.median) if a and ok_a and ok_s else "–"
+        rs = read_set.get(k)
+        rows.append(
+            f"| {im.label} | {a.total.fmt() if a else 'n/a'} | {s.total.fmt()} | **{t}** "
+            f"| {a.bytes_total.fmt('MB', 1e6, 1) if a else 'n/a'} "
+            f"| {s.bytes_total.fmt('MB', 1e6, 1)} | **{by}** "
+            f"| {_mb(rs) if rs else '–'} "
+            f"| {_ratio(a.bytes_total.median, rs) if a and ok_a and rs else '–'} "
+            f"| {_ratio(s.bytes_total.median, rs) if ok_s and rs else '–'} |"
+        )
+    if not rows:
+        return []
+    return [
+        "| image | alsd cold start | stargz-store cold start | alsd / stargz-store "
+        "| alsd bytes | stargz-store bytes | alsd / stargz-store | read set "
+        "| alsd / read set | stargz-store / read set |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def _targets13(b: Bench) -> list[str]:
+    """Issue 13's targets: alsd vs stargz-store per image, prioritised vs gzip, bytes vs
+    the read set."""
+    from bench.runner import IMAGES, VARIANTS
+
+    out = []
+    for label, name, _ in b.cold_runs:
+        base = b.cold.get((label, "gzip"))
+        read_set = b.images.get(name, {}).get("read_set", {})
+        for v in VARIANTS:
+            if v.store != "alsd":
+                continue
+            a = b.cold.get((label, v.key))
+            if a is None or not a.total.ok:
+                continue
+            im = IMAGES[v.image]
+            s = b.cold.get((label, f"sgz-{v.image}"))
+            if s is not None and s.total.ok:
+                rt = a.total.median / s.total.median
+                rb = a.bytes_total.median / s.bytes_total.median
+                ok = rt <= 0.8 and rb <= 1.0
+                out.append(f"- {label}, {im.label}: alsd / stargz-store time {rt:.2f}× "
+                           f"(≤ 0.8×), bytes {rb:.2f}× (≤ 1.0×) — "
+                           f"{'met' if ok else 'NOT met'}")  # fmt: skip
+            if im.prioritised and base is not None and base.total.ok:
+                r = a.total.median / base.total.median
+                out.append(f"- {label}, {im.label}: alsd vs full gzip pull {r:.2f}× "
+                           f"(≤ 0.10×) — {'met' if r <= 0.10 else 'NOT met'}")  # fmt: skip
+            rs = read_set.get(v.image)
+            if rs:
+                r = a.bytes_total.median / rs
+                out.append(f"- {label}, {im.label}: alsd bytes {_mb(a.bytes_total.median)} vs "
+                           f"read set {_mb(rs)}: {r:.2f}× (≤ 1.3×) — "
+                           f"{'met' if r <= 1.3 else 'NOT met'}")  # fmt: skip
+    return out
+
+
 def _targets(b: Bench) -> list[str]:
     out = []
     for w, name, _ in b.cold_runs:
@@ -216,6 +289,16 @@ def write_report(b: Bench, out_dir: Path) -> Path:
             f"{f.get('traced_files', 0)} files, {_mb(f.get('traced_bytes', 0))} "
             f"({_mb(f.get('prio_compressed_bytes', 0))} compressed) |"
         )
+    ctr = [(w, f) for w, f in b.images.items() if "ctr_remote" in f]
+    if ctr:
+        L += ["", f"Converted by ctr-remote (Debian stargz-snapshotter "
+              f"{ctr[0][1]['ctr_remote']}) from the gzip image:", "",
+              "| workload | eStargz | eStargz prio. (--estargz-record-in) | zstd:chunked |",
+              "|---|---|---|---|"]  # fmt: skip
+        for w, f in ctr:
+            L.append("| " + " | ".join([w] + [
+                _mb(f[k + "_size"]) if k + "_size" in f else "–"
+                for k in ("ctr-esgz", "ctr-esgz-prio", "ctr-zstd")]) + " |")  # fmt: skip
     L += [""]
     for w, f in b.images.items():
         L += [f"- **{w}**: {f['description']}. CMD: `{f['cmd']}`"]
@@ -225,6 +308,19 @@ def write_report(b: Bench, out_dir: Path) -> Path:
           "client bytes across the link during pull + run.", ""]  # fmt: skip
     for label, _, _ in b.cold_runs:
         L += [f"### {label}", "", *_cold_table(b, label), ""]
+    side = [(label, _compare_table(b, label, name)) for label, name, _ in b.cold_runs]
+    if any(t for _, t in side):
+        L += [
+            "## alsd and stargz-store side by side", "",
+            "Same images, link and repetitions, interleaved; ratios are of medians (below 1: "
+            "alsd faster or fewer bytes). Bytes: registry → client across the link during "
+            "pull + run, counted at the link for both. Read set: the compressed ranges of the "
+            "chunks of the files the command and the runtime read (the traced list), each "
+            "once, plus the TOC: what a store has to fetch at least.", "",
+        ]  # fmt: skip
+        for label, t in side:
+            if t:
+                L += [f"### {label}", "", *t, ""]
     if _chart(b, png_path):
         L += [f"![cold start per variant]({png_path.name})", ""]
     rd = b.sections.get("read")
@@ -353,6 +449,9 @@ def write_report(b: Bench, out_dir: Path) -> Path:
         "",
     ]
     L += ["## Targets (issue 7)", ""] + (_targets(b) or ["- no figures to compare"]) + [""]
+    t13 = _targets13(b)
+    if t13:
+        L += ["## Targets (issue 13)", "", *t13, ""]
     if b.failures:
         L += ["## Failures", ""] + [f"- {f}" for f in b.failures] + [""]
     text = "\n".join(L)
@@ -372,7 +471,7 @@ def _update_readme(readme: Path, text: str, name: str) -> None:
     _, _, tail = rest.partition(README_END)
     # The headline only: machine and link, the cold/warm start tables, the chart and the
     # targets; headings one level down so they nest under "Latest results".
-    keep = ("## Cold and warm start", "## Targets")
+    keep = ("## Cold and warm start", "## alsd and stargz-store", "## Targets")
     parts = text.split("\n## ")
     picked = [parts[0].split("\n", 1)[1]] + [
         "## " + p for p in parts[1:] if any(("## " + p).startswith(k) for k in keep)

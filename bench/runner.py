@@ -48,9 +48,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from alsd.tools.convert import with_runtime_files  # noqa: E402
+from bench import ctrremote  # noqa: E402
 from bench import registry as reg  # noqa: E402
 from bench import workloads as wl  # noqa: E402
 from bench.pagecache import large_folio_share  # noqa: E402
+from bench.stargzstore import StargzStore  # noqa: E402
 from bench.wanproxy import WanProxy  # noqa: E402
 from tests.support.daemon import AlsdProcess, start_alsd  # noqa: E402
 from tests.support.podman import (  # noqa: E402
@@ -59,6 +61,7 @@ from tests.support.podman import (  # noqa: E402
     PodmanEnv,
     other_root_unavailable,
     parse_version,
+    protocol_for,
 )
 
 log = wl.log
@@ -181,22 +184,54 @@ def mb(n: float) -> str:
 # ---------------------------------------------------------------------- the bench
 
 
+@dataclass(frozen=True)
+class Image:
+    """One image variant in the registry: its tag and who made it."""
+
+    tag: str
+    label: str
+    prioritised: bool = False
+
+
+# Images a lazy-pulling store can serve, in report order. "ctr-remote" ones come from
+# Debian's stargz-snapshotter (bench/ctrremote.py), the others from alsd's own converter
+# (alsd.oci.estargz_writer) and from `podman push`.
+IMAGES = {
+    "esgz": Image("esgz", "eStargz (alsd convert)"),
+    "esgz-prio": Image("esgz-prio", "eStargz prioritised (alsd convert)", prioritised=True),
+    "zstdchunked": Image("zstdchunked", "zstd:chunked (podman push)"),
+    "ctr-esgz-prio": Image("ctr-esgz-prio", "eStargz prioritised (ctr-remote "
+                           "--estargz-record-in)", prioritised=True),
+    "ctr-esgz": Image("ctr-esgz", "eStargz (ctr-remote)"),
+    "ctr-zstd": Image("ctr-zstd", "zstd:chunked (ctr-remote --zstdchunked)"),
+}  # fmt: skip
+CTR_KINDS = {"ctr-esgz": "esgz", "ctr-esgz-prio": "esgz-prio", "ctr-zstd": "zstd"}
+
+
 @dataclass
 class Variant:
     key: str
     label: str
     tag: str
-    als: bool
+    store: str = ""  # "", "alsd" or "stargz-store": the Additional Layer Store podman uses
     partial: bool = False
+    image: str = ""  # key of IMAGES for the stores' variants
 
+    @property
+    def als(self) -> bool:
+        return bool(self.store)
+
+
+# Keys of the alsd variants on alsd's own images stay what they were (earlier results).
+_ALSD_KEYS = {"esgz": "alsd-esgz", "esgz-prio": "alsd-esgz-prio", "zstdchunked": "alsd-zstd"}
 
 VARIANTS = [
-    Variant("gzip", "gzip, full pull (podman)", "gzip", als=False),
-    Variant("zstd-partial", "zstd:chunked, podman partial pull", "zstdchunked", als=False,
-            partial=True),
-    Variant("alsd-esgz", "alsd, eStargz", "esgz", als=True),
-    Variant("alsd-esgz-prio", "alsd, eStargz prioritised", "esgz-prio", als=True),
-    Variant("alsd-zstd", "alsd, zstd:chunked", "zstdchunked", als=True),
+    Variant("gzip", "gzip, full pull (podman)", "gzip"),
+    Variant("zstd-partial", "zstd:chunked, podman partial pull", "zstdchunked", partial=True),
+    *(Variant(_ALSD_KEYS.get(k, f"alsd-{k}"), f"alsd, {im.label}", im.tag, "alsd", image=k)
+      for k, im in IMAGES.items()),
+    *(Variant(f"sgz-{k}", f"stargz-store, {im.label}", im.tag, "stargz-store", image=k)
+      for k, im in IMAGES.items()),
 ]  # fmt: skip
 
 
@@ -283,6 +318,11 @@ class Bench:
         settings = {**ALSD_SETTINGS, **(section or {}), **self.args.alsd_settings}
         return start_alsd(d, registries_conf=conf, settings=settings, **kw)
 
+    def blob_digest_generation(self, gen: str) -> bool:
+        """Whether podman generation ``gen`` asks a store for layers by blob digest (podman
+        <= 5.0), the only generation stargz-store v0.12 speaks."""
+        return protocol_for(parse_version(self.podman_versions[gen])) == "blob-digest"
+
     @property
     def link(self) -> str:
         assert self.proxy is not None
@@ -329,6 +369,49 @@ class Bench:
         self._push_esgz(w, "esgz-prio", prio)
         facts["esgz_prio_size"] = prio.size
         facts["prio_compressed_bytes"] = prio.prefetch_end
+        # image key -> compressed bytes of the traced files' chunks + TOC
+        facts.setdefault("read_set", {})
+        with contextlib.suppress(Exception):
+            facts["read_set"]["esgz"] = wl.read_set_bytes(noopt.path, noopt.annotations(), traced)
+            facts["read_set"]["esgz-prio"] = wl.read_set_bytes(prio.path, prio.annotations(),
+                                                               traced)  # fmt: skip
+        self._push_ctr_remote(w, blob.digest, traced, facts)
+
+    def _push_ctr_remote(self, w: wl.Workload, gzip_digest: str, traced: Sequence[str],
+                         facts: dict[str, Any]) -> None:  # fmt: skip
+        """The images ctr-remote converts from the gzip one (cached; bench/ctrremote.py)."""
+        assert self.registry is not None
+        wanted = {k: kind for k, kind in CTR_KINDS.items()
+                  if any(v.image == k for v in self.selected_variants())}  # fmt: skip
+        if not wanted:
+            return
+        why = ctrremote.available()
+        if why is not None:
+            self.fail(f"{w.name}: ctr-remote images", RuntimeError(why))
+            return
+        facts["ctr_remote"] = ctrremote.tool_version()
+        try:
+            layers = ctrremote.convert_all(
+                self.cache, self.work, self.registry.address, w.name, "gzip", gzip_digest,
+                traced, list(wanted.values()),
+            )  # fmt: skip
+        except Exception as exc:
+            self.fail(f"{w.name}: ctr-remote conversion", exc)
+            return
+        for k, kind in wanted.items():
+            lay = layers[kind]
+            reg.push_image(self.registry.address, f"bench/{w.name}", k, [lay.blob_ref()],
+                           [lay.diff_id], w.cmd)  # fmt: skip
+            facts[f"{k}_size"] = lay.size
+            with contextlib.suppress(Exception):
+                facts["read_set"][k] = wl.read_set_bytes(lay.path, lay.annotations, traced,
+                                                         lay.media_type)  # fmt: skip
+
+    def selected_variants(self) -> list[Variant]:
+        """The cold-start variants this run measures (stargz-store's only with its path)."""
+        a = self.args
+        return [v for v in VARIANTS if v.key in a.variants
+                and (v.store != "stargz-store" or a.compare_stargz_store is not None)]  # fmt: skip
 
     def _push_zstdchunked(self, w: wl.Workload, tar: Path, gen: str, facts: dict[str, Any]) -> None:
         assert self.registry is not None
@@ -361,6 +444,19 @@ class Bench:
         ):
             raise RuntimeError(f"podman pushed {lay['mediaType']} without zstd:chunked annotations")
         facts["zstdchunked_size" if gen == "host" else "zstdchunked_other_size"] = lay["size"]
+        if gen == "host":
+            # The read set of podman's blob (it is not in the cache: podman pushes anew).
+            tmp = self.work / f"zstd-{w.name}.blob"
+            try:
+                ctrremote.fetch_blob(addr, f"bench/{w.name}", lay["digest"], tmp)
+                facts.setdefault("read_set", {})["zstdchunked"] = wl.read_set_bytes(
+                    tmp, lay.get("annotations", {}),
+                    with_runtime_files(wl.traced_files(self.cache, w)), lay["mediaType"],
+                )  # fmt: skip
+            except Exception as exc:
+                log(f"  (no read set for podman's zstd:chunked: {exc})")
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def _push_esgz(self, w: wl.Workload, tag: str, b: wl.EsgzBlob) -> None:
         assert self.registry is not None
@@ -382,14 +478,17 @@ class Bench:
         self, w: wl.Workload, v: Variant, res: ColdResult, expect: str, gen: str = "host"
     ) -> None:
         d = self.fresh_dir("c", gen)
-        als: AlsdProcess | None = None
+        store: AlsdProcess | StargzStore | None = None
         env: PodmanEnv | None = None
         ref = self.ref(w.name, zstd_tag(gen) if v.tag == "zstdchunked" else v.tag)
         assert self.proxy is not None
         try:
-            if v.als:
-                als = self.alsd(d / "a")
-            env = self.podman(d / "p", als.mountpoint if als else None, v.partial, gen)
+            if v.store == "alsd":
+                store = self.alsd(d / "a")
+            elif v.store == "stargz-store":
+                assert self.args.compare_stargz_store is not None
+                store = StargzStore(self.args.compare_stargz_store, d / "s", [self.link]).start()
+            env = self.podman(d / "p", store.mountpoint if store else None, v.partial, gen)
             drop_caches()
             self.proxy.reset()
             t_pull, _ = timed(lambda: env.run("pull", "-q", ref, timeout=1200))
@@ -399,11 +498,11 @@ class Bench:
             b_run = self.proxy.stats()["down_bytes"]
             if expect not in out.stdout:
                 raise RuntimeError(f"unexpected output {out.stdout[-200:]!r}")
-            if v.als:
-                assert als is not None
+            if store is not None:
                 if not self._als_used(env):
                     raise RuntimeError("podman did not use the additional layer store")
-                res.rss.add(rss_bytes(als.proc.pid))
+                assert store.proc is not None
+                res.rss.add(rss_bytes(store.proc.pid))
             t_warm, _ = timed(lambda: env.run("run", "--rm", ref, timeout=600))
             res.pull.add(t_pull)
             res.run.add(t_run)
@@ -419,14 +518,14 @@ class Bench:
             res.pull.errors.append(reason)
             self.failures.append(f"cold start {w.name} / {v.label}: {reason}")
             log(f"  {w.name} {v.key}: FAILED {reason}")
-            if als is not None:
-                (self.work / f"failed-{w.name}-{v.key}.log").write_text(als.log_tail(1500))
+            if store is not None:
+                (self.work / f"failed-{w.name}-{v.key}.log").write_text(store.log_tail(1500))
         finally:
             if env is not None:
                 env.teardown()
-            if als is not None:
+            if store is not None:
                 with contextlib.suppress(Exception):
-                    als.cleanup()
+                    store.cleanup()
             shutil.rmtree(d, ignore_errors=True)
 
     @staticmethod
@@ -645,9 +744,9 @@ class Bench:
             holder = OtherRoot(self.other_root)
             holder.acquire()
             self._cleanups.append(holder.release)
-            v = subprocess.run(["chroot", str(self.other_root), "podman", "--version"],
-                               capture_output=True, text=True, check=True)  # fmt: skip
-            self.podman_versions["other"] = v.stdout.strip()
+            ver = subprocess.run(["chroot", str(self.other_root), "podman", "--version"],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+            self.podman_versions["other"] = ver.stdout.strip()
         workloads = [wl.WORKLOADS[n] for n in a.workloads]
         for w in workloads:  # build everything before any timing starts
             wl.layer_tar(self.cache, w)
@@ -661,7 +760,7 @@ class Bench:
         try:
             for w in workloads:
                 self.push_workload(w)
-            variants = [v for v in VARIANTS if v.key in a.variants]
+            variants = self.selected_variants()
             for gen in a.podman:
                 for w in workloads:
                     label = w.name if gen == "host" else f"{w.name}, {self.podman_versions[gen]}"
@@ -670,6 +769,8 @@ class Bench:
                     for rep in range(a.reps):
                         # Interleave variants per repetition so drift hits all of them alike.
                         for v in variants:
+                            if v.store == "stargz-store" and not self.blob_digest_generation(gen):
+                                continue  # it serves only podman <= 5.0
                             res = self.cold.setdefault((label, v.key), ColdResult())
                             log(f"cold start {label} / {v.key} ({rep + 1}/{a.reps})")
                             self.cold_start(w, v, res, expect, gen)
@@ -719,6 +820,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "podman), other (the other Debian release's, from the chroot .ci/build-chroot "
         "builds; $ALSD_OTHER_PODMAN_ROOT overrides where it is)",
     )
+    p.add_argument(
+        "--compare-stargz-store",
+        type=Path,
+        metavar="PATH",
+        help="also run the cold starts through this stargz-store binary (the reference "
+        "Additional Layer Store; v0.12 serves podman <= 5.0 only), side by side with alsd",
+    )
     p.add_argument("--rate-mbit", type=float, default=100.0)
     p.add_argument("--rtt-ms", type=float, default=20.0)
     p.add_argument("--files-per-layer", type=int, default=2000)
@@ -744,6 +852,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a.podman = [x for x in a.podman.split(",") if x]
     if not a.podman or any(x not in ("host", "other") for x in a.podman):
         p.error("--podman takes a comma list of host, other")
+    if a.compare_stargz_store is not None:
+        a.compare_stargz_store = a.compare_stargz_store.resolve()
+        if not os.access(a.compare_stargz_store, os.X_OK):
+            p.error(f"--compare-stargz-store: {a.compare_stargz_store} is not executable")
     a.alsd_settings = {}
     for item in a.alsd_setting:
         key, _, value = item.partition("=")

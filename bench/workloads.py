@@ -290,6 +290,32 @@ def trace_bytes(cache: Path, w: Workload, files: Sequence[str]) -> int:
     return total
 
 
+def read_set_bytes(blob: Path, annotations: dict[str, str], files: Sequence[str],
+                   media_type: str | None = None) -> int:  # fmt: skip
+    """Compressed bytes a store must fetch at least to serve ``files`` from ``blob``: the
+    compressed ranges of their chunks (each range once) plus the TOC (and tar-split)."""
+    from alsd.oci import formats
+    from alsd.oci.layer_index import EntryKind
+
+    size = blob.stat().st_size
+    with open(blob, "rb") as f:
+        f.seek(max(0, size - formats.TAIL_SIZE))
+        tail = f.read()
+        loc = formats.detect(tail, size, annotations, media_type)
+        f.seek(loc.offset)
+        idx = formats.parse_toc(loc, f.read(loc.length), size, annotations)
+    ranges: set[tuple[int, int]] = set()
+    for name in files:
+        node = idx.find(name)
+        if node is None or idx.attr(node).kind != EntryKind.REG:
+            continue
+        for c in idx.chunks(node):
+            if not c.zeros:
+                ranges.add((c.blob_offset, c.fetch_end))
+    total = loc.length + (loc.tarsplit[1] if loc.tarsplit else 0)
+    return total + sum(end - start for start, end in ranges)
+
+
 # ---- synthetic layers ----------------------------------------------------------------------
 
 
