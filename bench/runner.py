@@ -526,6 +526,12 @@ class Bench:
             if store is not None:
                 with contextlib.suppress(Exception):
                     store.cleanup()
+                if self.args.keep_logs is not None:
+                    self.args.keep_logs.mkdir(parents=True, exist_ok=True)
+                    n = len(res.total.values) + len(res.pull.errors)
+                    name = f"{w.name}-{gen}-{v.key}-{n}.log"
+                    with contextlib.suppress(OSError):
+                        shutil.copyfile(store.log_path, self.args.keep_logs / name)
             shutil.rmtree(d, ignore_errors=True)
 
     @staticmethod
@@ -840,6 +846,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override an alsd.toml setting (dotted key; value parsed as JSON, else a string), "
         "e.g. prefetch.background=false",
+    )
+    p.add_argument(
+        "--keep-logs",
+        type=Path,
+        metavar="DIR",
+        help="copy each cold start's store log (alsd's, stargz-store's) into DIR; with "
+        "--alsd-setting log_level=debug, bench/misses.py DIR breaks the time of alsd's "
+        "pull and misses down",
     )
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
