@@ -100,12 +100,22 @@ def extract_toc(member: bytes, max_toc_bytes: int) -> bytes:
             raise FormatError(f"TOC member holds {hdr.name!r}, not {TOC_TAR_NAME}")
         if hdr.size > max_toc_bytes:
             raise FormatError(f"TOC of {hdr.size} bytes exceeds the limit of {max_toc_bytes}")
-        body = head[BLOCK:] + _inflate(d, d.unconsumed_tail, hdr.size - (len(head) - BLOCK))
+        # One piece in practice (the header block came alone): no copy of the TOC.
+        pieces = [head[BLOCK:]] if len(head) > BLOCK else []
+        rest = hdr.size - (len(head) - BLOCK)
+        data = d.unconsumed_tail
+        while rest > 0 and not d.eof:
+            got = d.decompress(data, rest)
+            pieces.append(got)
+            rest -= len(got)
+            data = d.unconsumed_tail
+            if not got and not data:
+                break  # input exhausted and nothing pending inside zlib
     except zlib.error as exc:
         raise FormatError(f"TOC member is not valid gzip: {exc}") from exc
-    if len(body) < hdr.size:
-        raise FormatError(f"TOC truncated: {len(body)} of {hdr.size} bytes")
-    return body[: hdr.size]
+    if rest > 0:
+        raise FormatError(f"TOC truncated: {hdr.size - rest} of {hdr.size} bytes")
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def _inflate(d: zlib._Decompress, data: bytes, want: int) -> bytes:
@@ -119,31 +129,43 @@ def _inflate(d: zlib._Decompress, data: bytes, want: int) -> bytes:
     return bytes(out)
 
 
+# Uncompressed bytes skipped before a chunk are inflated and dropped in pieces this large.
+SKIP_PIECE = 1 << 20
+
+
 def gunzip_chunk(compressed: bytes, skip: int, size: int) -> bytes:
     """Inflate gzip members from the start of ``compressed``; skip ``skip``, return ``size``.
 
     A fetch range may span several members (uncounted sub-blob boundaries, tar headers)
     and may end with TOC/footer bytes: we go across members and stop after enough bytes.
+    Bounded whatever the members inflate to: zlib never produces more than ``skip + size``
+    bytes, the skipped ones are dropped in pieces of at most ``SKIP_PIECE`` bytes, so at
+    most ``size`` bytes of output are ever held (plus one piece); a member that inflates
+    past the declared size is not inflated further (its digest check then fails).
     Raises IntegrityError on corrupt or insufficient data (the caller adds the context).
     """
     want = skip + size
-    out = bytearray()
+    done = 0  # bytes produced so far, skipped ones included
+    pieces: list[bytes] = []
     buf = compressed
     try:
-        while len(out) < want:
+        while done < want:
             if not buf:
-                raise IntegrityError(f"compressed range ends after {len(out)} of {want} bytes")
+                raise IntegrityError(f"compressed range ends after {done} of {want} bytes")
             d = zlib.decompressobj(31)
             inp = buf
-            while True:
-                got = d.decompress(inp, want - len(out))
-                out += got
-                if len(out) >= want or d.eof:
+            while done < want:
+                limit = min(skip - done, SKIP_PIECE) if done < skip else want - done
+                got = d.decompress(inp, limit)
+                if done >= skip:
+                    pieces.append(got)
+                done += len(got)
+                if d.eof:
                     break
                 inp = d.unconsumed_tail
                 if not inp and not got:
-                    raise IntegrityError(f"compressed range ends after {len(out)} of {want} bytes")
+                    raise IntegrityError(f"compressed range ends after {done} of {want} bytes")
             buf = d.unused_data if d.eof else b""
     except zlib.error as exc:
         raise IntegrityError(f"corrupt gzip data: {exc}") from exc
-    return bytes(out[skip:want])
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)

@@ -23,14 +23,14 @@ the same failure family as a chunk digest mismatch).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from alsd.errors import FormatError, IntegrityError, NotLazyError
 from alsd.oci import annotations as keys
-from alsd.oci import estargz, zstdchunked
-from alsd.oci.index_builder import build_index
+from alsd.oci import estargz, toc_json, zstdchunked
+from alsd.oci.index_builder import IndexBuilder
 from alsd.oci.layer_index import Chunk, EntryKind, LayerFormat, LayerIndex
 from alsd.oci.tarsplit import tarsplit_uncompressed_size as _tarsplit_size
 
@@ -42,6 +42,7 @@ __all__ = [
     "ANN_CSTORAGE_TARSPLIT_POSITION",
     "ANN_STARGZ_TOC_DIGEST",
     "ANN_UNCOMPRESSED_SIZE",
+    "DEFAULT_MAX_CHUNK_BYTES",
     "DEFAULT_MAX_TOC_BYTES",
     "TAIL_SIZE",
     "Chunk",
@@ -69,6 +70,9 @@ ANN_CSTORAGE_OLD_POSITION = keys.ZSTD_CHUNKED_OLD_POSITION
 # The longest footer is c/storage's current one: 8-byte skippable header + 64 bytes.
 TAIL_SIZE = zstdchunked.SKIPPABLE_HEADER_SIZE + zstdchunked.FOOTER_NEW_SIZE
 DEFAULT_MAX_TOC_BYTES = 64 << 20
+# The largest uncompressed chunk a TOC may declare (inner offset + size; "zeros" chunks
+# exempt).  What real producers emit, and why 64 MiB: developer-notes/limits.md.
+DEFAULT_MAX_CHUNK_BYTES = 64 << 20
 
 _PLAIN_MEDIA_TYPES = frozenset(
     {
@@ -236,11 +240,13 @@ def parse_toc(
     annotations: Mapping[str, str],
     *,
     max_toc_bytes: int = DEFAULT_MAX_TOC_BYTES,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
 ) -> LayerIndex:
     """Decode and verify the TOC (``toc_bytes`` = blob[loc.offset : loc.offset+loc.length]).
 
-    Raises FormatError for truncated, oversized or malformed TOCs and IntegrityError when a
-    TOC digest annotation does not match.
+    Raises FormatError for truncated, oversized or malformed TOCs (a chunk larger than
+    ``max_chunk_bytes`` included) and IntegrityError when a TOC digest annotation does not
+    match.
     """
     if len(toc_bytes) != loc.length:
         raise FormatError(f"TOC truncated: got {len(toc_bytes)} of {loc.length} bytes")
@@ -262,21 +268,33 @@ def parse_toc(
         _verify(annotations, ANN_STARGZ_TOC_DIGEST, uncompressed_digest, checked)
         _verify(annotations, ANN_CSTORAGE_CHECKSUM, compressed_digest, checked)
         _verify(annotations, ANN_CSTORAGE_OLD_CHECKSUM, compressed_digest, checked)
-    try:
-        toc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"TOC is not valid JSON: {exc}") from exc
-    if not isinstance(toc, dict):
-        raise FormatError("TOC is not a JSON object")
-    if toc.get("version") != 1:
-        raise FormatError(f"TOC version {toc.get('version')!r} is not supported")
-    entries = toc.get("entries")
-    if entries is None:
-        entries = []
+    # Read the entries one at a time into the builder (toc_json.py: the peak is then the
+    # text plus the index, not a dict per entry); the bytes are not needed any more.
+    starts_indented = raw.startswith(b"{\n\t")
+    text = toc_json.decode_text(raw)
+    del raw
+    builder = IndexBuilder(loc.payload_end, max_chunk_bytes)
+    has_end_offset = False
+
+    def on_entry(e: Any) -> None:
+        nonlocal has_end_offset
+        if not has_end_offset and isinstance(e, dict) and "endOffset" in e:
+            has_end_offset = True
+        builder.add(e)
+
+    def on_member(key: str, value: Any) -> None:
+        if key == "version":  # producers write it first: refuse before building
+            _check_version(value)
+
+    toc = toc_json.scan_toc(text, on_entry, on_member)
+    del text
+    _check_version(toc.get("version"))
+    if toc.get("entries") is not None:
+        raise FormatError("TOC: 'entries' is not a list")
     if loc.format == LayerFormat.ZSTD_CHUNKED:
         producer = loc.producer or ZstdProducer.UNKNOWN
         if producer == ZstdProducer.UNKNOWN:
-            producer = _guess_producer(raw, entries)
+            producer = _guess_producer(has_end_offset, starts_indented)
         # What containers/image's GetTOCDigest picks, else the producer's own definition.
         if ANN_STARGZ_TOC_DIGEST in annotations:
             toc_digest = uncompressed_digest
@@ -286,22 +304,22 @@ def parse_toc(
             toc_digest = uncompressed_digest
         else:
             toc_digest = compressed_digest
-    return build_index(
-        entries,
-        format=loc.format,
-        toc_digest=toc_digest,
-        verified=bool(checked),
-        blob_size=blob_size,
-        payload_end=loc.payload_end,
+    return builder.finish(
+        format=loc.format, toc_digest=toc_digest, verified=bool(checked), blob_size=blob_size
     )
 
 
-def _guess_producer(raw: bytes, entries: object) -> str:
+def _check_version(version: Any) -> None:
+    if version != 1:
+        raise FormatError(f"TOC version {version!r} is not supported")
+
+
+def _guess_producer(has_end_offset: bool, starts_indented: bool) -> str:
     # c/storage always records endOffset for files with content and writes compact JSON;
     # stargz-snapshotter writes json.MarshalIndent output and never endOffset.
-    if isinstance(entries, list) and any(isinstance(e, dict) and "endOffset" in e for e in entries):
+    if has_end_offset:
         return ZstdProducer.CSTORAGE
-    if raw.startswith(b"{\n\t"):
+    if starts_indented:
         return ZstdProducer.STARGZ
     return ZstdProducer.CSTORAGE
 
@@ -347,6 +365,7 @@ def index_blob(
     media_type: str | None = None,
     *,
     max_toc_bytes: int = DEFAULT_MAX_TOC_BYTES,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
 ) -> LayerIndex:
     """Convenience for a blob held in memory (``alsd inspect FILE``, tests)."""
     loc = detect(blob[-TAIL_SIZE:], len(blob), annotations, media_type)
@@ -356,4 +375,5 @@ def index_blob(
         len(blob),
         annotations,
         max_toc_bytes=max_toc_bytes,
+        max_chunk_bytes=max_chunk_bytes,
     )

@@ -87,6 +87,11 @@ def parse_rfc3339_ns(value: str, *, entry: str = "") -> int:
 
 
 
+_NO_XATTRS: dict[str, bytes] = {}
+_NO_CHILDREN: dict[str, _Node] = {}
+_NO_CHUNKS: list[tuple[int, int, int, int, bytes, bool]] = []
+
+
 class _Node:
     """Temporary mutable node used only while building (discarded afterwards)."""
 
@@ -120,13 +125,18 @@ class _Node:
         self.nlink = 0
         self.rdev = (0, 0)
         self.link = ""
-        self.xattrs: dict[str, bytes] = {}
-        self.children: dict[str, _Node] = {}
+        # Shared while empty (most nodes): replaced, never mutated, when set.
+        self.xattrs: dict[str, bytes] = _NO_XATTRS
+        # Only directories have children and only regular files chunks; the others share
+        # one empty (never mutated) container each, which keeps a big TOC's peak down.
+        self.children: dict[str, _Node] = {} if kind == _DIR else _NO_CHILDREN
         # (file_off, size, blob_off, inner, digest32, zeros)
-        self.chunks: list[tuple[int, int, int, int, bytes, bool]] = []
+        self.chunks: list[tuple[int, int, int, int, bytes, bool]] = (
+            [] if kind == _REG else _NO_CHUNKS
+        )
         self.end_offset = -1
         self.implicit = False
-        self.nid = -1  # number in the finished index, set by _Builder.finish
+        self.nid = -1  # number in the finished index, set by IndexBuilder.finish
 
 
 def _int(e: Mapping[str, Any], key: str, name: str) -> int:
@@ -172,23 +182,31 @@ def build_index(
     verified: bool,
     blob_size: int,
     payload_end: int,
+    max_chunk_bytes: int | None = None,
 ) -> LayerIndex:
     """Build a :class:`LayerIndex` from decoded TOC entries (a JSON list of objects).
 
     ``payload_end`` is where the file payloads end (the TOC's start): every chunk must lie
     in ``[0, payload_end)`` and a chunk's fetch range never goes beyond it.
+    ``max_chunk_bytes`` (None: no limit) refuses a chunk that needs more uncompressed
+    bytes than that to be decoded (its inner offset plus its size); "zeros" chunks are
+    exempt: nothing is fetched or inflated for them.
     """
     if not isinstance(entries, list):
         raise FormatError("TOC: 'entries' is not a list")
-    b = _Builder(payload_end)
+    b = IndexBuilder(payload_end, max_chunk_bytes)
     for e in entries:
         b.add(e)
     return b.finish(format=format, toc_digest=toc_digest, verified=verified, blob_size=blob_size)
 
 
-class _Builder:
-    def __init__(self, payload_end: int) -> None:
+class IndexBuilder:
+    """Builds a :class:`LayerIndex` from TOC entries handed over one at a time with
+    :meth:`add` (so the caller need not hold them all), then :meth:`finish`."""
+
+    def __init__(self, payload_end: int, max_chunk_bytes: int | None = None) -> None:
         self.payload_end = payload_end
+        self.max_chunk_bytes = max_chunk_bytes
         self.root = _Node(_DIR, "")
         self.root.implicit = True
         self.last_reg: _Node | None = None
@@ -249,7 +267,7 @@ class _Builder:
         node.mtime = mtime
         xattrs = e.get("xattrs")
         if not xattrs:
-            node.xattrs = {}
+            node.xattrs = _NO_XATTRS
             return
         if not isinstance(xattrs, dict):
             raise FormatError(f"entry {name!r}: xattrs is not an object")
@@ -392,6 +410,13 @@ class _Builder:
             if not digest:
                 raise FormatError(f"entry {name!r}: chunk at {file_off} has no digest")
         zeros = _str(e, "chunkType", name) == "zeros"
+        limit = self.max_chunk_bytes
+        if limit is not None and not zeros and inner + size > limit:
+            what = f"{size} bytes" if not inner else f"{size} bytes at inner offset {inner}"
+            raise FormatError(
+                f"entry {name!r}: chunk at {file_off} of {what} exceeds the chunk size "
+                f"limit of {limit} bytes (max_chunk_bytes)"
+            )
         node.chunks.append(
             (file_off, size, blob_off, inner, _digest32(digest, name, "digest"), zeros)
         )
@@ -418,12 +443,11 @@ class _Builder:
                 continue  # a real entry of this layer wins over its own whiteout
             wh = _Node(EntryKind.WHITEOUT, f"{parent_path}/{target}".lstrip("/"))
             self._attrs(wh, e, f"{parent_path}/.wh.{target}")
-            wh.xattrs = {}
+            wh.xattrs = _NO_XATTRS
             parent.children[target] = wh
         for path in self.opaque:
             d = self._dir(path, path)
-            for key in OPAQUE_XATTRS:
-                d.xattrs[key] = b"y"
+            d.xattrs = {**d.xattrs, **dict.fromkeys(OPAQUE_XATTRS, b"y")}
 
     def _finish_chunks(self, nodes: list[_Node]) -> None:
         """Validate chunk coverage and overlap; compute fetch ends (spec 3.3/3.4, 4.1)."""

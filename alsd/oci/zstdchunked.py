@@ -72,36 +72,50 @@ def parse_position(value: str, fields: int, key: str) -> tuple[int, ...]:
 
 def decompress_bounded(data: bytes, limit: int, what: str) -> bytes:
     """Decompress a zstd stream (across frames), refusing more than ``limit`` bytes."""
+    pieces: list[bytes] = []
+    done = 0
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
-        out = bytearray()
         while True:
-            got = reader.read(limit + 1 - len(out))
+            got = reader.read(limit + 1 - done)
             if not got:
                 break
-            out += got
-            if len(out) > limit:
+            pieces.append(got)
+            done += len(got)
+            if done > limit:
                 raise FormatError(f"{what} exceeds the limit of {limit} bytes")
     except zstandard.ZstdError as exc:
         raise FormatError(f"{what} is not valid zstd: {exc}") from exc
-    return bytes(out)
+    # One piece in practice: no second copy of a large manifest.
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+# Uncompressed bytes skipped before a chunk are decompressed and dropped in pieces this
+# large.
+SKIP_PIECE = 1 << 20
 
 
 def unzstd_chunk(compressed: bytes, skip: int, size: int) -> bytes:
     """Decompress zstd frames from the start of ``compressed``; skip ``skip``, return ``size``.
 
     Crosses frame boundaries (and skippable frames) and stops after enough bytes, so a
-    range that also holds the next tar header or the manifest is fine.
+    range that also holds the next tar header or the manifest is fine.  Bounded whatever
+    the frames decompress to: the decoder is never asked for more than ``size`` bytes of
+    the chunk, and the skipped bytes are dropped in pieces of at most ``SKIP_PIECE``.
     """
     want = skip + size
-    out = bytearray()
+    done = 0
+    pieces: list[bytes] = []
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
-        while len(out) < want:
-            got = reader.read(want - len(out))
+        while done < want:
+            limit = min(skip - done, SKIP_PIECE) if done < skip else want - done
+            got = reader.read(limit)
             if not got:
-                raise IntegrityError(f"compressed range ends after {len(out)} of {want} bytes")
-            out += got
+                raise IntegrityError(f"compressed range ends after {done} of {want} bytes")
+            if done >= skip:
+                pieces.append(got)
+            done += len(got)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"corrupt zstd data: {exc}") from exc
-    return bytes(out[skip:want])
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
