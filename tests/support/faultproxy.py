@@ -9,6 +9,13 @@ a corrupted body. It records every request (method, path, headers) for assertion
 It exists because these faults cannot be produced with the real registry alone; the
 registry's own answers are passed through unchanged otherwise.
 
+Besides rules for the next N matching requests, :meth:`FaultProxy.random_faults` faults a
+seeded random fraction of the matching requests with a kind drawn from a list: ``reset``,
+``truncate``, ``stall`` (no bytes for ``stall_s`` seconds mid-body, then the rest),
+``503`` and ``trickle`` (the body at ``trickle_bps`` bytes/s). :attr:`FaultProxy.injected`
+counts what was injected, by kind. Requests can be selected by User-Agent too, so that one
+client's traffic (alsd's) is faulted and another's (podman's) is not.
+
 Use (in an async test)::
 
     async with FaultProxy(registry.url) as proxy:      # listens on 127.0.0.1:<free port>
@@ -21,8 +28,11 @@ Concurrency: runs in the test's event loop; rules are consumed in arrival order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import re
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +76,9 @@ class _Rule:
             return False
         if self.method is not None and request.method != self.method:
             return False
+        agent = self.args.get("user_agent")
+        if agent is not None and agent not in request.headers.get("User-Agent", ""):
+            return False
         if self.kind in ("reject_multirange",) and "," not in request.headers.get("Range", ""):
             return False
         return bool(self.path_re.search(request.path_qs))
@@ -87,6 +100,7 @@ class FaultProxy:
         self.port = 0
         self.inject_headers = inject_headers or {}
         self.requests: list[Recorded] = []
+        self.injected: Counter[str] = Counter()
         self._rules: list[_Rule] = []
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -158,9 +172,51 @@ class FaultProxy:
         """Announce the full Content-Length, send half the body, close cleanly."""
         self._add("truncate", path, times, method)
 
-    def stall(self, path: str, *, times: int | None = 1, method: str | None = "GET") -> None:
-        """Send the headers and half the body, then send nothing until the proxy closes."""
-        self._add("stall", path, times, method)
+    def stall(
+        self,
+        path: str,
+        *,
+        times: int | None = 1,
+        method: str | None = "GET",
+        seconds: float | None = None,
+    ) -> None:
+        """Send the headers and half the body, then send nothing until the proxy closes
+        (or, with ``seconds``, for that long, and then the rest of the body)."""
+        self._add("stall", path, times, method, stall_s=seconds)
+
+    def trickle(
+        self,
+        path: str,
+        *,
+        times: int | None = 1,
+        method: str | None = "GET",
+        bytes_per_s: int = 64 << 10,
+    ) -> None:
+        """Send the body at ``bytes_per_s``."""
+        self._add("trickle", path, times, method, bps=bytes_per_s)
+
+    def random_faults(
+        self,
+        fraction: float,
+        kinds: Sequence[str] = ("reset", "truncate", "stall", "503", "trickle"),
+        *,
+        seed: int = 0,
+        path: str = r"/blobs/",
+        method: str | None = "GET",
+        user_agent: str | None = None,
+        stall_s: float = 4.0,
+        trickle_bps: int = 64 << 10,
+    ) -> None:
+        """Fault ``fraction`` of the matching requests (those to ``path``, with
+        ``user_agent`` in their User-Agent if given), each with a kind drawn from
+        ``kinds``; the draws come from ``random.Random(seed)``, in arrival order."""
+        unknown = set(kinds) - {"reset", "truncate", "stall", "503", "trickle"}
+        if unknown:
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}")
+        self._add(
+            "random", path, None, method, fraction=fraction, kinds=tuple(kinds),
+            rng=random.Random(seed), user_agent=user_agent, stall_s=stall_s, bps=trickle_bps,
+        )  # fmt: skip
 
     def redirect(self, path: str, to: str, *, times: int | None = None) -> None:
         """Answer 307 with Location = ``to`` + the request's path and query."""
@@ -189,6 +245,16 @@ class FaultProxy:
             if rule.matches(request):
                 if rule.times is not None:
                     rule.times -= 1
+                if rule.kind == "random":
+                    rng: random.Random = rule.args["rng"]
+                    if rng.random() >= rule.args["fraction"]:
+                        return None
+                    kind = rng.choice(rule.args["kinds"])
+                    if kind == "503":
+                        return _Rule(
+                            "status", rule.path_re, None, None, {"status": 503, "headers": {}}
+                        )
+                    return _Rule(kind, rule.path_re, None, None, dict(rule.args))
                 return rule
         return None
 
@@ -228,6 +294,8 @@ class FaultProxy:
                 rule.kind if rule else None,
             )
         )
+        if rule is not None:
+            self.injected[rule.kind] += 1
         if rule is None:
             return await self._send(request, *await self._forward(request))
         handlers: dict[str, Callable[[web.Request, _Rule], Awaitable[web.StreamResponse]]] = {
@@ -235,6 +303,7 @@ class FaultProxy:
             "reset": self._partial,
             "truncate": self._partial,
             "stall": self._partial,
+            "trickle": self._trickle,
             "redirect": self._redirect,
             "reject_multirange": self._reject,
             "ignore_range": self._ignore_range,
@@ -277,13 +346,41 @@ class FaultProxy:
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = len(body)
         await resp.prepare(request)
-        await resp.write(body[: max(1, len(body) // 2)])
+        half = max(1, len(body) // 2)
+        await resp.write(body[:half])
         if rule.kind == "stall":
-            await self._closing.wait()
+            stall_s = rule.args.get("stall_s")
+            if stall_s is None:
+                await self._closing.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), stall_s)
+                with contextlib.suppress(ConnectionError):
+                    await resp.write(body[half:])
+                    await resp.write_eof()
         elif rule.kind == "reset":
             assert request.transport is not None
             request.transport.abort()
         else:  # truncate: end the connection cleanly, short of Content-Length
             assert request.transport is not None
             request.transport.close()
+        return resp
+
+    async def _trickle(self, request: web.Request, rule: _Rule) -> web.StreamResponse:
+        status, headers, body = await self._forward(request)
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        bps: int = rule.args["bps"]
+        piece = max(1, bps // 10)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with contextlib.suppress(ConnectionError):
+            for off in range(0, len(body), piece):
+                await resp.write(body[off : off + piece])
+                ahead = start + (off + piece) / bps - loop.time()
+                if ahead > 0 and not self._closing.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._closing.wait(), ahead)
+            await resp.write_eof()
         return resp
