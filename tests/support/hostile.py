@@ -144,3 +144,56 @@ class HostileBlob:
         body = bytes(self.data) + skippable + struct.pack("<I", len(manifest)) + manifest
         footer = struct.pack("<4Q", m_off, len(manifest), len(toc), 1) + b"GnUlInUx"
         return body + skippable + struct.pack("<I", len(footer)) + footer, sha(manifest)
+
+
+async def push_blob_image(
+    server: Any, repo_tag: str, blob: bytes, toc_digest: str, fmt: Format = "estargz"
+) -> tuple[str, str]:
+    """Push a one-layer image whose layer is ``blob`` to the test registry ``server``
+    (a :class:`tests.support.registry.RegistryServer`); returns (reference, blob digest).
+    The layer descriptor carries the TOC digest annotation a converter writes."""
+    from alsd.oci.manifest import OCI_MANIFEST, Platform
+    from alsd.oci.reference import parse_reference
+    from alsd.push import Pusher
+    from alsd.regconf import parse_registries_conf_text
+    from alsd.registry import RegistryClient, RegistrySettings
+
+    blob_digest = sha(blob)
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha(b"not a real tar: " + blob[:64])]},
+        "config": {},
+    }).encode()  # fmt: skip
+    if fmt == "estargz":
+        media_type = "application/vnd.oci.image.layer.v1.tar+gzip"
+        annotations = {"containerd.io/snapshot/stargz/toc.digest": toc_digest}
+    else:
+        media_type = "application/vnd.oci.image.layer.v1.tar+zstd"
+        annotations = {"io.containers.zstd-chunked.manifest-checksum": toc_digest}
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": sha(config), "size": len(config),
+        },
+        "layers": [{
+            "mediaType": media_type, "digest": blob_digest, "size": len(blob),
+            "annotations": annotations,
+        }],
+    }).encode()  # fmt: skip
+    ref_str = f"{server.address}/{repo_tag}"
+    ref = parse_reference(ref_str)
+    conf = parse_registries_conf_text(
+        f'[[registry]]\nlocation = "{server.address}"\ninsecure = true\n'
+    )
+    client = RegistryClient(
+        RegistrySettings(max_retries=1, backoff_min_s=0.01, deadline_s=60),
+        registries=conf,
+        platform=Platform("linux", "amd64"),
+    )
+    async with client:
+        pusher = Pusher(client)
+        await pusher.push_blob(ref, blob_digest, blob)
+        await pusher.push_blob(ref, sha(config), config)
+        await pusher.push_manifest(ref, manifest, OCI_MANIFEST)
+    return ref_str, blob_digest
