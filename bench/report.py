@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 README_BEGIN = "<!-- latest results: begin -->"
 README_END = "<!-- latest results: end -->"
+FAULTS_BEGIN = "<!-- faults results: begin -->"
+FAULTS_END = "<!-- faults results: end -->"
 
 
 def _mb(n: float) -> str:
@@ -448,17 +450,51 @@ def write_report(b: Bench, out_dir: Path) -> Path:
         "--prioritize` does: podman reads them while it creates the container.",
         "",
     ]
-    L += ["## Targets (issue 7)", ""] + (_targets(b) or ["- no figures to compare"]) + [""]
-    t13 = _targets13(b)
-    if t13:
-        L += ["## Targets (issue 13)", "", *t13, ""]
+    if b.cold:
+        L += ["## Targets (issue 7)", ""] + (_targets(b) or ["- no figures to compare"]) + [""]
+        t13 = _targets13(b)
+        if t13:
+            L += ["## Targets (issue 13)", "", *t13, ""]
+    if b.faults:
+        from bench.faults import report as faults_report
+
+        faults = faults_report(b, b.faults)
+        L += ["#" + x if x.startswith("### ") else x for x in faults]
+        head = [f"# alsd under registry faults, {time.strftime('%Y-%m-%d %H:%M')}", ""]
+        head += [f"- {x}" for x in _machine()]
+        head += [
+            f"- {b.podman_version}; alsd at git {_git_rev(Path(__file__).resolve().parents[1])}",
+            f"- Link: bench/wanproxy.py, {a.rate_mbit:g} Mbit/s, {a.rtt_ms:g} ms RTT; the fault "
+            "proxy (tests/support/faultproxy.py) between the link and the registry",
+            "",
+        ]
+        faults_md = out_dir / f"{stamp}-faults.md"
+        faults_md.write_text("\n".join(head + faults))
+        _update_block(
+            out_dir.parent / "README.md", FAULTS_BEGIN, FAULTS_END,
+            f"From [results/{faults_md.name}](results/{faults_md.name}).\n\n"
+            + "\n".join(faults),
+        )  # fmt: skip
     if b.failures:
         L += ["## Failures", ""] + [f"- {f}" for f in b.failures] + [""]
     text = "\n".join(L)
     md_path.write_text(text)
     write_raw(b, md_path.with_suffix(".json"))
-    _update_readme(out_dir.parent / "README.md", text, md_path.name)
+    if b.cold:  # a run of the faults section alone leaves the headline figures alone
+        _update_readme(out_dir.parent / "README.md", text, md_path.name)
     return md_path
+
+
+def _update_block(readme: Path, begin: str, end: str, text: str) -> None:
+    """Replace what lies between the ``begin`` and ``end`` markers of the README."""
+    if not readme.exists():
+        return
+    body = readme.read_text()
+    if begin not in body or end not in body:
+        return
+    head, _, rest = body.partition(begin)
+    _, _, tail = rest.partition(end)
+    readme.write_text(f"{head}{begin}\n\n{text.strip()}\n\n{end}{tail}")
 
 
 def _update_readme(readme: Path, text: str, name: str) -> None:
@@ -512,5 +548,6 @@ def write_raw(b: Bench, path: Path) -> None:
         "cold": {f"{w}/{v}": conv(r) for (w, v), r in b.cold.items()},
         "sections": conv(b.sections),
         "failures": b.failures,
+        "faults": {f"{v}/{r:g}": conv(x) for (v, r), x in b.faults.items()},
     }
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")

@@ -272,6 +272,7 @@ class Bench:
         self.cold: dict[tuple[str, str], ColdResult] = {}
         self.sections: dict[str, dict[str, Any]] = {}
         self.failures: list[str] = []
+        self.faults: dict[Any, Any] = {}  # bench.faults.run_faults's result
         self._n = 0
 
     # ---- environment ----
@@ -475,8 +476,15 @@ class Bench:
     # ---- 1+2: cold and warm start ----
 
     def cold_start(
-        self, w: wl.Workload, v: Variant, res: ColdResult, expect: str, gen: str = "host"
+        self,
+        w: wl.Workload,
+        v: Variant,
+        res: ColdResult,
+        expect: str,
+        gen: str = "host",
+        inspect: Callable[[AlsdProcess], None] | None = None,
     ) -> None:
+        """One cold start (and a warm one) into ``res``; ``inspect`` sees alsd after them."""
         d = self.fresh_dir("c", gen)
         store: AlsdProcess | StargzStore | None = None
         env: PodmanEnv | None = None
@@ -504,6 +512,8 @@ class Bench:
                 assert store.proc is not None
                 res.rss.add(rss_bytes(store.proc.pid))
             t_warm, _ = timed(lambda: env.run("run", "--rm", ref, timeout=600))
+            if inspect is not None and isinstance(store, AlsdProcess):
+                inspect(store)
             res.pull.add(t_pull)
             res.run.add(t_run)
             res.total.add(t_pull + t_run)
@@ -789,6 +799,12 @@ class Bench:
             if "restart" in a.sections:
                 log("restart and memory")
                 self.restart_memory()
+            if "faults" in a.sections:
+                from bench.faults import run_faults
+
+                log("faults")
+                self.faults = run_faults(self, workloads[0], "hello from python"
+                                         if workloads[0].name == "python" else "det")  # fmt: skip
         finally:
             self.proxy.stop()
             self.registry.stop()
@@ -817,8 +833,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--sections",
         default="read,metadata,restart",
-        help="comma list of extra sections: read,metadata,restart",
+        help="comma list of extra sections: read,metadata,restart,faults",
     )
+    p.add_argument(
+        "--fault-reps", type=int, default=3,
+        help="repetitions of each (format, fault rate) cold start of the faults section",
+    )  # fmt: skip
     p.add_argument(
         "--podman",
         default="host",
