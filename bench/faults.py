@@ -192,14 +192,14 @@ def report(b: Bench, runs: dict[tuple[str, float], FaultRun]) -> list[str]:
             if r is None:
                 continue
             res = r.result
-            t = res.total.fmt() if res.total.ok() else "–"
-            by = res.bytes_total.fmt("MB", 1e-6, 1) if res.bytes_total.ok() else "–"
+            t = res.total.fmt() if res.total.ok else "–"
+            by = res.bytes_total.fmt("MB", 1e6, 1) if res.bytes_total.ok else "–"
             rt = rb = "–"
-            if base is not None and base.result.total.ok() and res.total.ok():
-                rt = f"{res.total.median() / base.result.total.median():.2f}×"
-                rb = f"{res.bytes_total.median() / base.result.bytes_total.median():.2f}×"
+            if base is not None and base.result.total.ok and res.total.ok:
+                rt = f"{res.total.median / base.result.total.median:.2f}×"
+                rb = f"{res.bytes_total.median / base.result.bytes_total.median:.2f}×"
                 if rate in targets:
-                    ratio = res.total.median() / base.result.total.median()
+                    ratio = res.total.median / base.result.total.median
                     ok = ratio <= targets[rate] and not res.pull.errors and not r.integrity_errors
                     lines_t.append(
                         f"- {v.label}, {rate:.0%} faulted: cold start {ratio:.2f}× the fault-free "
