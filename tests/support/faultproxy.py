@@ -38,6 +38,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 _HOP_BY_HOP = frozenset(
     {
@@ -262,11 +263,12 @@ class FaultProxy:
         self, request: web.Request, drop: frozenset[str] = frozenset()
     ) -> tuple[int, dict[str, str], bytes]:
         assert self._session is not None
-        headers = {
-            k: v
+        # A multidict: clients repeat headers (podman sends one Accept per media type).
+        headers: CIMultiDict[str] = CIMultiDict(
+            (k, v)
             for k, v in request.headers.items()
             if k.lower() not in _HOP_BY_HOP and k.lower() not in drop
-        }
+        )
         headers.update(self.inject_headers)
         body = await request.read()
         async with self._session.request(
