@@ -146,6 +146,14 @@ class LayersConfig:
         "diff-size 0 (podman run works, podman save of that image fails on podman <= 5.0), "
         "'fallback' answers 'not here' so podman pulls the layer itself",
     )
+    max_chunk_bytes: int = _setting(
+        64 << 20,
+        "largest uncompressed chunk a layer's table of contents may declare (bytes inflated "
+        "before it in its member included; zstd:chunked zeros chunks exempt): a layer with a "
+        "larger one is not served lazily (podman pulls it); every chunk read costs about "
+        "twice its size in memory while it is decoded",
+        _positive,
+    )
 
 
 @dataclass(frozen=True)
@@ -350,6 +358,7 @@ class LayerSettings:
     negative_cache_ttl_s: float = _DEFAULT.layers.negative_cache_ttl_s
     unknown_diff_size: UnknownDiffSize = _DEFAULT.layers.unknown_diff_size
     max_toc_bytes: int = 64 << 20
+    max_chunk_bytes: int = _DEFAULT.layers.max_chunk_bytes
     blob_readahead_bytes: int = 1 << 20
     # Landmark prefetch requests are at most this large: a request's chunks are decoded
     # and served only once its whole body has arrived, and the prioritised region is in
@@ -390,6 +399,7 @@ def layer_settings(cfg: Config) -> LayerSettings:
         release_grace_s=cfg.layers.release_grace_s,
         negative_cache_ttl_s=cfg.layers.negative_cache_ttl_s,
         unknown_diff_size=cfg.layers.unknown_diff_size,
+        max_chunk_bytes=cfg.layers.max_chunk_bytes,
     )
 
 

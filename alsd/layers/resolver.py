@@ -182,6 +182,7 @@ class LayerResolver:
             annotations=desc.annotations,
             media_type=desc.media_type,
             max_toc_bytes=self._settings.max_toc_bytes,
+            max_chunk_bytes=self._settings.max_chunk_bytes,
         )
         return self._make_layer(img, pos, toc.index, toc.uncompressed_size)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from alsd.errors import FormatError
 from alsd.oci import formats
@@ -44,6 +45,7 @@ async def read_layer_index(
     annotations: Mapping[str, str],
     media_type: str | None,
     max_toc_bytes: int,
+    max_chunk_bytes: int = formats.DEFAULT_MAX_CHUNK_BYTES,
     want_uncompressed_size: bool = True,
 ) -> LayerToc:
     """Read and parse the TOC of a blob of ``blob_size`` bytes through ``read``.
@@ -80,8 +82,11 @@ async def read_layer_index(
     bodies = await read(ranges) if ranges else []
     toc = toc_bytes if toc_bytes is not None else bodies.pop(0)
     index = await asyncio.to_thread(
-        formats.parse_toc, loc, toc, blob_size, annotations, max_toc_bytes=max_toc_bytes
-    )
+        partial(
+            formats.parse_toc, loc, toc, blob_size, annotations,
+            max_toc_bytes=max_toc_bytes, max_chunk_bytes=max_chunk_bytes,
+        )
+    )  # fmt: skip
     if want_tarsplit:
         unc = await asyncio.to_thread(formats.tarsplit_uncompressed_size, bodies.pop(0))
     return LayerToc(index, unc)

@@ -152,11 +152,12 @@ async def push_blob_image(
     """Push a one-layer image whose layer is ``blob`` to the test registry ``server``
     (a :class:`tests.support.registry.RegistryServer`); returns (reference, blob digest).
     The layer descriptor carries the TOC digest annotation a converter writes."""
+    from alsd.config import RegistrySettings
     from alsd.oci.manifest import OCI_MANIFEST, Platform
     from alsd.oci.reference import parse_reference
-    from alsd.push import Pusher
-    from alsd.regconf import parse_registries_conf_text
-    from alsd.registry import RegistryClient, RegistrySettings
+    from alsd.registry.client import RegistryClient
+    from alsd.registry.push import Pusher
+    from alsd.registry.regconf import parse_registries_conf_text
 
     blob_digest = sha(blob)
     config = json.dumps({
