@@ -122,6 +122,24 @@ class PrefetchConfig:
     background: bool = _setting(
         True, "fetch the rest of every layer in the background, after the on-demand reads"
     )
+    profiles: bool = _setting(
+        True,
+        "use prefetch profiles: when an image is first looked up, look for a profile "
+        "attached to it in the registry (OCI referrers API, else the referrers tag schema) "
+        "and, with what was recorded on this host, fetch the files it lists first, in order",
+    )
+    record: bool = _setting(
+        True,
+        "record a prefetch profile per image: the files its containers read in the first "
+        "record_window_s seconds after a layer's first read (kept in state_dir; "
+        "'alsd profile show' prints it, 'alsd profile push' attaches it to the image)",
+    )
+    record_window_s: float = _setting(
+        10.0, "how long after a layer's first read its reads are recorded", _positive
+    )
+    record_max_files: int = _setting(
+        1024, "at most this many files are recorded per layer of an image", _positive
+    )
 
 
 @dataclass(frozen=True)
@@ -350,6 +368,13 @@ class LayerSettings:
     max_ranges_per_request: int = 16
     prefetch_landmark: bool = _DEFAULT.prefetch.landmark
     prefetch_background: bool = _DEFAULT.prefetch.background
+    profiles_use: bool = _DEFAULT.prefetch.profiles
+    profiles_record: bool = _DEFAULT.prefetch.record
+    record_window_s: float = _DEFAULT.prefetch.record_window_s
+    record_max_files: int = _DEFAULT.prefetch.record_max_files
+    # How long a layer's prefetch waits for the image's registry profile lookup (started
+    # with the image's first lookup, so normally already answered).
+    profile_lookup_wait_s: float = 5.0
     background_max_layer_bytes: int | None = None
     background_batch_bytes: int = 4 << 20
     background_concurrency: int = 1
@@ -396,6 +421,10 @@ def layer_settings(cfg: Config) -> LayerSettings:
         readahead_bytes=cfg.fetch.readahead_bytes,
         prefetch_landmark=cfg.prefetch.landmark,
         prefetch_background=cfg.prefetch.background,
+        profiles_use=cfg.prefetch.profiles,
+        profiles_record=cfg.prefetch.record,
+        record_window_s=cfg.prefetch.record_window_s,
+        record_max_files=cfg.prefetch.record_max_files,
         release_grace_s=cfg.layers.release_grace_s,
         negative_cache_ttl_s=cfg.layers.negative_cache_ttl_s,
         unknown_diff_size=cfg.layers.unknown_diff_size,

@@ -37,6 +37,8 @@ from alsd.registry.regconf import load_registries_conf
 if TYPE_CHECKING:
     from alsd.fs.ops import Operations
     from alsd.layers.manager import LayerManager
+    from alsd.layers.profiles import Lookup
+    from alsd.oci.profile import Profile
 
 
 def credential_store(cfg: Config, cli_env: Mapping[str, str] | None = None) -> CredentialStore:
@@ -75,6 +77,20 @@ def registry_client(
     )
 
 
+def profile_lookup(client: RegistryClient) -> Lookup:
+    """The layer manager's registry lookup of an image's prefetch profile."""
+    from alsd.oci.reference import parse_reference
+    from alsd.registry.referrers import ProfileRegistry
+
+    profiles = ProfileRegistry(client)
+
+    async def lookup(ref: str, image: str) -> Profile | None:
+        found = await profiles.find_profile(parse_reference(ref), image)
+        return None if found is None else found.profile
+
+    return lookup
+
+
 @dataclass(frozen=True)
 class DaemonParts:
     credentials: CredentialStore
@@ -111,7 +127,9 @@ async def open_parts(cfg: Config, stack: AsyncExitStack) -> DaemonParts:
     metadata = MetadataStore(state / "metadata")
     await metadata.sweep_async()
 
-    manager = LayerManager(registry, store, metadata, layer_settings(cfg))
+    manager = LayerManager(
+        registry, store, metadata, layer_settings(cfg), profile_lookup=profile_lookup(registry)
+    )
     await manager.load_state()
     stack.push_async_callback(manager.close)
 

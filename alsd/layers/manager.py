@@ -33,9 +33,10 @@ from alsd.errors import AlsdError, Transient, UnknownLayer
 from alsd.fetch.fetcher import ChunkStoreLike, Fetcher
 from alsd.fetch.scheduler import Scheduler
 from alsd.layers.images import ImageCatalog
-from alsd.layers.model import Layer, LayerStats
+from alsd.layers.model import Image, Layer, LayerStats
 from alsd.layers.ports import MetadataLike, RegistryLike
 from alsd.layers.prefetch import LayerTasks, Prefetcher
+from alsd.layers.profiles import Lookup, ProfileBook
 from alsd.layers.reader import Reader
 from alsd.layers.records import Records
 from alsd.layers.resolver import LayerResolver
@@ -53,6 +54,8 @@ class LayerManager:
         chunkstore: ChunkStoreLike,
         metadata: MetadataLike | None,
         settings: LayerSettings | None = None,
+        *,
+        profile_lookup: Lookup | None = None,
     ) -> None:
         self.settings = s = settings or LayerSettings()
         self._store = chunkstore
@@ -76,6 +79,16 @@ class LayerManager:
             s.negative_cache_ttl_s, on_hit=self._count_negative_hit
         )
         records = Records(metadata, self.stats)
+        self.profiles = ProfileBook(
+            metadata,
+            record=s.profiles_record,
+            use=s.profiles_use,
+            window_s=s.record_window_s,
+            max_files=s.record_max_files,
+            lookup=profile_lookup,
+            lookup_wait_s=s.profile_lookup_wait_s,
+            negative_ttl_s=s.negative_cache_ttl_s,
+        )
         self._images = ImageCatalog(
             registry, records, self._negative, self.stats, self.registry_counter
         )
@@ -88,12 +101,16 @@ class LayerManager:
             self.stats,
             self.registry_counter,
             adopt=self._adopt,
+            on_image=self._image_started,
         )
         self._tasks = LayerTasks()
-        self._prefetcher = Prefetcher(self.fetcher, chunkstore, self.scheduler, self._tasks, s)
-        self._reader = Reader(
-            registry, self.fetcher, chunkstore, self.scheduler, self._tasks, s, self.stats
+        self._prefetcher = Prefetcher(
+            self.fetcher, chunkstore, self.scheduler, self._tasks, s, self.profiles
         )
+        self._reader = Reader(
+            registry, self.fetcher, chunkstore, self.scheduler, self._tasks, s, self.stats,
+            self.profiles,
+        )  # fmt: skip
         self._drop_timers: dict[Layer, asyncio.TimerHandle] = {}
         self._closed = False
 
@@ -105,6 +122,7 @@ class LayerManager:
     async def load_state(self) -> None:
         """Load persisted images; layers are loaded from metadata when first asked for."""
         await self._images.load()
+        await self.profiles.load()
 
     async def close(self) -> None:
         """Stop every task (resolutions, prefetch, background, read-ahead, fetches)."""
@@ -119,6 +137,7 @@ class LayerManager:
             timer.cancel()
         self._drop_timers.clear()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.profiles.close()
         await self.fetcher.close()
 
     # ================================================================ lookup
@@ -151,6 +170,10 @@ class LayerManager:
         if layer.use_count == 0:
             self._arm_drop(layer)
         return layer
+
+    def _image_started(self, img: Image) -> None:
+        """The first lookup of an image: look for its registry profile meanwhile."""
+        self.profiles.start_lookup(img.ref, img.digest, [d.digest for d in img.manifest.layers])
 
     def _adopt(self, layer: Layer) -> None:
         """A resolution finished: keep the layer and start its prefetch/background."""
@@ -195,6 +218,7 @@ class LayerManager:
         self._resolver.forget(layer)
         self._prefetcher.stop(layer)
         self._reader.forget(layer)
+        self.profiles.layer_dropped(layer.image_digest, layer.blob_digest)
         log.debug("dropped %s from memory", layer.source.name)
 
     # ================================================================ reads
@@ -229,6 +253,7 @@ class LayerManager:
             "scheduler": self.scheduler.status(),
             "engine": self.stats.as_dict(),
             "registry": self.registry_counter.as_dict(),
+            "profiles": dict(self.profiles.status()),
         }
 
 
@@ -249,5 +274,9 @@ def _layer_status(layer: Layer) -> dict[str, Any]:
         "prefetch": layer.prefetch_status(),
         "prefetch_end": layer.index.prefetch_end,
         "background": layer.background_status(),
+        "profile": layer.profile_state,
+        "profile_entries": layer.profile_entries,
+        "profile_chunks": layer.profile_chunks,
+        "profile_bytes": layer.profile_bytes,
         "from_metadata": layer.from_metadata,
     }

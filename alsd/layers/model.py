@@ -9,6 +9,7 @@ read-ahead buffer to :mod:`alsd.layers.reader`, never to the layer itself.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -78,6 +79,13 @@ class Layer:
     background_state: BackgroundState = BackgroundState.PENDING
     background_error: str = ""
     from_metadata: bool = False
+    image_digest: str = ""  # manifest digest of the image it was resolved through
+    # Prefetch profile (layers/profiles.py): "none", "running", "done", "failed: ...";
+    # how many entries and chunks it named, and the compressed bytes those cover.
+    profile_state: str = "pending"
+    profile_entries: int = 0
+    profile_chunks: int = 0
+    profile_bytes: int = 0
 
     @property
     def format(self) -> str:
@@ -118,6 +126,14 @@ class Image:
     config: ImageConfig
     resolved_at: float  # wall clock (time.time()), survives restarts
     all_started: bool = False  # the resolution of all its layers has been started
+    _digest: str = ""
+
+    @property
+    def digest(self) -> str:
+        """The manifest digest (sha256 of the manifest bytes as served)."""
+        if not self._digest:
+            self._digest = "sha256:" + hashlib.sha256(self.manifest_bytes).hexdigest()
+        return self._digest
 
     def position_of(self, digest: str) -> int | None:
         """Index of the layer whose blob digest, else whose TOC digest, is ``digest``."""

@@ -1,5 +1,7 @@
 """Fetching ahead of the reads: landmark prefetch, background fetch, and the tasks of a layer.
 
+* profile prefetch: the chunks of the files the image's prefetch profile lists
+  (:mod:`alsd.layers.profiles`), in the profile's order, before the landmark region;
 * landmark prefetch: the prioritised region of an optimised eStargz layer (the files
   before ``.prefetch.landmark``, in the order the container reads them) is fetched as
   soon as the layer is resolved, in ``prefetch_request_bytes`` pieces;
@@ -25,7 +27,9 @@ from alsd.errors import AlsdError
 from alsd.fetch.fetcher import ChunkStoreLike, Fetcher
 from alsd.fetch.scheduler import Priority, Scheduler
 from alsd.layers.model import BackgroundState, Layer, PrefetchState
+from alsd.layers.profiles import ProfileBook
 from alsd.oci.layer_index import Chunk
+from alsd.oci.profile import covered_bytes, profile_chunks
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +72,14 @@ class Prefetcher:
         scheduler: Scheduler,
         tasks: LayerTasks,
         settings: LayerSettings,
+        profiles: ProfileBook | None = None,
     ) -> None:
         self._fetcher = fetcher
         self._store = store
         self._scheduler = scheduler
         self._tasks = tasks
         self._settings = settings
+        self._profiles = profiles
 
     def start(self, layer: Layer) -> None:
         """Start the landmark prefetch and the background fetch of a layer just adopted."""
@@ -89,6 +95,92 @@ class Prefetcher:
             layer.background_state = BackgroundState.CANCELLED
 
     async def _prefetch(self, layer: Layer) -> None:
+        await self._profile_prefetch(layer)
+        await self._landmark(layer)
+
+    async def _profile_prefetch(self, layer: Layer) -> None:
+        """Fetch the chunks the image's prefetch profile names for this layer, in order.
+
+        Like the landmark region, at prefetch priority (below on-demand reads, above the
+        background fetch), in ``prefetch_request_bytes`` requests issued in the profile's
+        order with up to ``fetch_concurrency`` in flight. Every chunk is verified against
+        the TOC as always: a profile decides only what is fetched first.
+        """
+        if self._profiles is None or not self._profiles.use:
+            layer.profile_state = "disabled"
+            return
+        try:
+            entries = await self._profiles.entries_for(
+                layer.ref, layer.image_digest, layer.blob_digest, layer.index
+            )
+        except AlsdError as exc:  # entries_for logs its own problems; this is a backstop
+            layer.profile_state = f"failed: {exc}"
+            return
+        chunks = profile_chunks(layer.index, entries)
+        layer.profile_entries = len(entries)
+        layer.profile_chunks = len(chunks)
+        layer.profile_bytes = covered_bytes(chunks)
+        if not chunks:
+            layer.profile_state = "none"
+            return
+        layer.profile_state = "running"
+        try:
+            with self._scheduler.prefetching():
+                await self._warm_in_order(layer, chunks)
+        except AlsdError as exc:
+            layer.profile_state = f"failed: {exc}"
+            log.warning("%s: profile prefetch failed: %s", layer.source.name, exc)
+            return
+        layer.profile_state = "done"
+
+    async def _warm_in_order(self, layer: Layer, chunks: list[tuple[int, Chunk]]) -> None:
+        s = self._settings
+        limit = s.prefetch_request_bytes
+        batches: list[list[tuple[int, Chunk]]] = []
+        size = 0
+        for node, c in chunks:
+            if c.zeros or self._store.has(c.digest):
+                continue
+            n = c.fetch_end - c.blob_offset
+            if not batches or size + n > limit:
+                batches.append([])
+                size = 0
+            batches[-1].append((node, c))
+            size += n
+        slots = asyncio.Semaphore(max(1, s.fetch_concurrency))
+        errors: list[AlsdError] = []
+
+        async def one(batch: list[tuple[int, Chunk]]) -> None:
+            try:
+                await self._fetcher.get_chunks(
+                    layer.source, batch, Priority.PREFETCH,
+                    merge_gap_bytes=s.merge_gap_bytes, keep=False, max_request_bytes=limit,
+                )  # fmt: skip
+            except AlsdError as exc:
+                errors.append(exc)
+            finally:
+                slots.release()
+
+        running: list[asyncio.Task[None]] = []
+        try:
+            for batch in batches:
+                await slots.acquire()
+                if errors:
+                    slots.release()
+                    break
+                running.append(asyncio.get_running_loop().create_task(one(batch)))
+                # Let this batch register and flush on its own before the next one: the
+                # fetcher merges the wants of one loop turn into offset order.
+                for _ in range(3):
+                    await asyncio.sleep(0)
+            await asyncio.gather(*running)
+        finally:
+            for t in running:
+                t.cancel()
+        if errors:
+            raise errors[0]
+
+    async def _landmark(self, layer: Layer) -> None:
         idx = layer.index
         s = self._settings
         if not s.prefetch_landmark:

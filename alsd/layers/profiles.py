@@ -26,9 +26,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from alsd.errors import AlsdError
+from alsd.layers.ports import MetadataLike
 from alsd.oci.layer_index import LayerIndex
 from alsd.oci.profile import (
     DEFAULT_LIMITS,
@@ -51,16 +52,6 @@ _RECORD_VERSION = 1
 Lookup = Callable[[str, str], Awaitable[Profile | None]]
 
 
-class MetadataLike(Protocol):
-    async def save_async(self, kind: str, key: str, obj: Any) -> None: ...
-
-    async def load_async(self, kind: str, key: str) -> Any | None: ...
-
-    async def list_async(self, kind: str) -> list[tuple[str, Any]]: ...
-
-    async def delete_async(self, kind: str, key: str) -> bool: ...
-
-
 @dataclass
 class ProfileStats:
     recorded_entries: int = 0  # entries added by recordings (before merging)
@@ -81,7 +72,7 @@ class _Recording:
     layer: str
     started: float
     entries: list[ProfileEntry] = field(default_factory=list)
-    paths: set[str] = field(default_factory=set)
+    nodes: dict[int, int] = field(default_factory=dict)  # node -> position in entries
     closed: bool = False
 
 
@@ -194,9 +185,21 @@ class ProfileBook:
     # ================================================================ recording
 
     def note_read(
-        self, ref: str, image: str, layer: str, path: str, offset: int, length: int
+        self,
+        ref: str,
+        image: str,
+        layer: str,
+        index: LayerIndex,
+        node: int,
+        offset: int,
+        length: int,
     ) -> None:
-        """A read of ``path`` in ``layer`` through image ``image`` (manifest digest)."""
+        """A read of file ``node`` of ``layer`` through image ``image`` (manifest digest).
+
+        A file's entry keeps the offset of its first read; its length grows to cover the
+        later reads of the window that end beyond it (a library's header, then the pages
+        the loader maps).
+        """
         if not self.record or self._closed or length <= 0:
             return
         key = (image, layer)
@@ -208,10 +211,16 @@ class ProfileBook:
             self._spawn(self._close_later(rec))
         if rec.closed or now - rec.started > self.window_s:
             return
-        if path in rec.paths or len(rec.entries) >= self.max_files:
+        at = rec.nodes.get(node)
+        if at is not None:
+            e = rec.entries[at]
+            if offset + length > e.offset + e.length and offset >= e.offset:
+                rec.entries[at] = ProfileEntry(e.path, e.offset, offset + length - e.offset)
             return
-        rec.paths.add(path)
-        rec.entries.append(ProfileEntry(path, offset, length))
+        if len(rec.entries) >= self.max_files:
+            return
+        rec.nodes[node] = len(rec.entries)
+        rec.entries.append(ProfileEntry(index.path(node), offset, length))
         self.stats.recorded_entries += 1
 
     async def _close_later(self, rec: _Recording) -> None:

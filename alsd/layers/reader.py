@@ -7,6 +7,9 @@ to go to the registry also reads ahead: the ``readahead_bytes`` of the blob that
 it are fetched in a request of their own (files next to each other in a layer tend to
 be read together: a package's modules, a library and its data).
 
+Every file read is also noted in the image's prefetch profile recording
+(:mod:`alsd.layers.profiles`), which keeps the first reads of each layer's first seconds.
+
 Blob reads (the ``blob`` file, read by exports) fetch ``blob_readahead_bytes`` at a time
 and keep the last piece per layer.
 """
@@ -24,6 +27,7 @@ from alsd.fetch.scheduler import Priority, Scheduler
 from alsd.layers.model import Layer, LayerStats
 from alsd.layers.ports import RegistryLike
 from alsd.layers.prefetch import LayerTasks
+from alsd.layers.profiles import ProfileBook
 from alsd.oci.layer_index import Chunk, EntryKind
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ class Reader:
         tasks: LayerTasks,
         settings: LayerSettings,
         stats: LayerStats,
+        profiles: ProfileBook | None = None,
     ) -> None:
         self._registry = registry
         self._fetcher = fetcher
@@ -47,6 +52,7 @@ class Reader:
         self._tasks = tasks
         self._settings = settings
         self._stats = stats
+        self._profiles = profiles
         # The last piece of each layer's blob read (exports read in small pieces).
         self._blob_cache: dict[Layer, tuple[int, bytes]] = {}
         self.closed = False
@@ -60,6 +66,12 @@ class Reader:
         if attr.kind != EntryKind.REG or size <= 0 or offset < 0 or offset >= attr.size:
             return b""
         end = min(attr.size, offset + size)
+        if self._profiles is not None:
+            # What a container reads first, in order: its image's prefetch profile.
+            self._profiles.note_read(
+                layer.ref, layer.image_digest, layer.blob_digest, layer.index, node,
+                offset, end - offset,
+            )  # fmt: skip
         chunks = layer.index.chunks_in_range(node, offset, end - offset)
         self._stats.reads += 1
         t0 = time.monotonic()

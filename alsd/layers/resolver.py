@@ -46,6 +46,7 @@ class LayerResolver:
         stats: LayerStats,
         counter: ByteCounter,
         adopt: Callable[[Layer], None],
+        on_image: Callable[[Image], None] | None = None,
     ) -> None:
         self._registry = registry
         self._images = images
@@ -55,6 +56,7 @@ class LayerResolver:
         self._stats = stats
         self._counter = counter
         self._adopt = adopt
+        self._on_image = on_image
         self._flights: SingleFlight[tuple[str, str], Layer] = SingleFlight(negative)
         self._layers: dict[tuple[str, str], Layer] = {}
         self._layer_numbers = itertools.count(1)
@@ -99,6 +101,9 @@ class LayerResolver:
         if not img.all_started:
             # The first lookup of an image starts resolving all its layers.
             img.all_started = True
+            if self._on_image is not None:
+                # E.g. the prefetch profile lookup, concurrent with the TOC fetches.
+                self._on_image(img)
             for i in range(len(img.manifest.layers)):
                 self._future(img, i)
         layer = await asyncio.shield(self._future(img, pos))
@@ -255,4 +260,5 @@ class LayerResolver:
             uncompressed_size=unc,
             position=pos,
             source=source,
+            image_digest=img.digest,
         )

@@ -33,6 +33,12 @@ def layer() -> tuple[str, LayerIndex]:
     return make_layer({f"f{i}": f"data {i}".encode() * 100 for i in range(8)})
 
 
+def n(idx: LayerIndex, path: str) -> int:
+    node = idx.find(path)
+    assert node is not None
+    return node
+
+
 def book(tmp_path: Path, clock: Clock, **kw: object) -> ProfileBook:
     return ProfileBook(MetadataStore(tmp_path / "meta"), clock=clock, window_s=10.0, **kw)  # type: ignore[arg-type]
 
@@ -40,31 +46,33 @@ def book(tmp_path: Path, clock: Clock, **kw: object) -> ProfileBook:
 async def test_records_first_reads_in_order_bounded(
     tmp_path: Path, layer: tuple[str, LayerIndex]
 ) -> None:
-    digest, _ = layer
+    digest, idx = layer
     clock = Clock()
     b = book(tmp_path, clock, max_files=3)
-    b.note_read("r", IMG1, digest, "f2", 100, 50)
-    b.note_read("r", IMG1, digest, "f2", 0, 4096)  # not the first read of f2
-    b.note_read("r", IMG1, digest, "f0", 0, 10)
+    b.note_read("r", IMG1, digest, idx, n(idx, "f2"), 100, 50)
+    b.note_read("r", IMG1, digest, idx, n(idx, "f2"), 0, 4096)  # before the first: ignored
+    b.note_read("r", IMG1, digest, idx, n(idx, "f0"), 0, 10)
+    b.note_read("r", IMG1, digest, idx, n(idx, "f2"), 120, 100)  # extends f2 to 220
+    b.note_read("r", IMG1, digest, idx, n(idx, "f2"), 110, 20)  # inside: no change
     clock.now += 9.9
-    b.note_read("r", IMG1, digest, "f5", 7, 1)
-    b.note_read("r", IMG1, digest, "f6", 0, 1)  # beyond max_files
+    b.note_read("r", IMG1, digest, idx, n(idx, "f5"), 7, 1)
+    b.note_read("r", IMG1, digest, idx, n(idx, "f6"), 0, 1)  # beyond max_files
     await b.flush()
     stored = b.stored(IMG1)
     assert stored == Profile(
-        (LayerProfile(digest, (ProfileEntry("f2", 100, 50), ProfileEntry("f0", 0, 10),
+        (LayerProfile(digest, (ProfileEntry("f2", 100, 120), ProfileEntry("f0", 0, 10),
                                ProfileEntry("f5", 7, 1))),)
     )  # fmt: skip
     await b.close()
 
 
 async def test_window_closes(tmp_path: Path, layer: tuple[str, LayerIndex]) -> None:
-    digest, _ = layer
+    digest, idx = layer
     clock = Clock()
     b = book(tmp_path, clock)
-    b.note_read("r", IMG1, digest, "f1", 0, 1)
+    b.note_read("r", IMG1, digest, idx, n(idx, "f1"), 0, 1)
     clock.now += 10.5
-    b.note_read("r", IMG1, digest, "f2", 0, 1)  # after the window
+    b.note_read("r", IMG1, digest, idx, n(idx, "f2"), 0, 1)  # after the window
     await b.close()
     stored = b.stored(IMG1)
     assert stored is not None and [e.path for e in stored.layers[0].entries] == ["f1"]
@@ -76,14 +84,14 @@ async def test_runs_merge_and_survive_restart(
     digest, idx = layer
     clock = Clock()
     b = book(tmp_path, clock)
-    b.note_read("r", IMG1, digest, "f3", 0, 1)
-    b.note_read("r", IMG1, digest, "f1", 0, 1)
+    b.note_read("r", IMG1, digest, idx, n(idx, "f3"), 0, 1)
+    b.note_read("r", IMG1, digest, idx, n(idx, "f1"), 0, 1)
     await b.close()
     # A restart: the next run reads f1 again, then f4; the merge keeps first-seen order.
     b2 = book(tmp_path, clock)
     await b2.load()
-    b2.note_read("r", IMG1, digest, "f1", 0, 1)
-    b2.note_read("r", IMG1, digest, "f4", 0, 1)
+    b2.note_read("r", IMG1, digest, idx, n(idx, "f1"), 0, 1)
+    b2.note_read("r", IMG1, digest, idx, n(idx, "f4"), 0, 1)
     await b2.flush()
     b3 = book(tmp_path, clock)
     await b3.load()
@@ -100,11 +108,11 @@ async def test_record_off_and_use_off(tmp_path: Path, layer: tuple[str, LayerInd
     digest, idx = layer
     clock = Clock()
     b = book(tmp_path, clock, record=False)
-    b.note_read("r", IMG1, digest, "f1", 0, 1)
+    b.note_read("r", IMG1, digest, idx, n(idx, "f1"), 0, 1)
     await b.close()
     assert b.stored(IMG1) is None
     on = book(tmp_path, clock)
-    on.note_read("r", IMG1, digest, "f1", 0, 1)
+    on.note_read("r", IMG1, digest, idx, n(idx, "f1"), 0, 1)
     await on.close()
     off = book(tmp_path, clock, use=False)
     await off.load()
