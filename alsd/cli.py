@@ -25,6 +25,10 @@ SUBCOMMANDS = {
         "inspect a layer blob (FILE) or an image in a registry (REF)",
     ),
     "convert": ("alsd.tools.convert", "convert an image in a registry to eStargz and push it"),
+    "profile": (
+        "alsd.tools.profile",
+        "show or push (as an OCI artifact) the prefetch profile recorded for an image",
+    ),
     "status": ("alsd.tools.status", "show the running daemon's layers and cache use"),
     "auth-helper": ("alsd.tools.status", "hand podman's registry credentials to the daemon"),
 }

@@ -26,10 +26,11 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from alsd.errors import AlsdError, FormatError, IntegrityError
+from alsd.config import Config
+from alsd.errors import AlsdError, FormatError, IntegrityError, NotFound
 from alsd.oci import formats
 from alsd.oci.estargz_writer import (
     DEFAULT_CHUNK_SIZE,
@@ -50,6 +51,7 @@ from alsd.oci.manifest import (
     Manifest,
     parse_manifest,
 )
+from alsd.oci.profile import DEFAULT_LIMITS, Profile, parse_profile
 from alsd.oci.reference import InvalidReference, Reference, parse_reference
 from alsd.registry.client import RegistryClient
 from alsd.registry.push import BlobPush, Pusher
@@ -82,6 +84,9 @@ def with_runtime_files(prioritized: Sequence[str]) -> tuple[str, ...]:
 class ConvertOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     prioritized: tuple[str, ...] = ()
+    # --prioritize-profile: per source layer digest, the profile's files in its order;
+    # such a layer is always rewritten (also when it already is eStargz).
+    profile: Profile | None = None
 
 
 def _stderr(line: str) -> None:
@@ -115,6 +120,7 @@ class Converter:
         self.pusher = pusher or Pusher(client)
         self.options = options
         self.progress = progress
+        self._profile_layers = 0  # layers the --prioritize-profile profile named
 
     async def convert(self, src: Reference, dst: Reference) -> str:
         """Convert ``src`` and push it as ``dst``; returns the digest pushed at ``dst``."""
@@ -124,10 +130,30 @@ class Converter:
         except FormatError as exc:
             host = self.pusher.endpoint(src).host
             raise FormatError(f"{src}: manifest from {host}: {exc}") from exc
+        self._profile_layers = 0
         if isinstance(parsed, Manifest):
             body = await self._convert_manifest(src, parsed, dst)
+            self._check_profile_used(src)
             return await self.pusher.push_manifest(dst, body, OCI_MANIFEST)
-        return await self._convert_index(src, parsed, top.body, dst)
+        digest = await self._convert_index(src, parsed, top.body, dst)
+        self._check_profile_used(src)
+        return digest
+
+    def _check_profile_used(self, src: Reference) -> None:
+        if self.options.profile is not None and self._profile_layers == 0:
+            raise FormatError(
+                f"{src}: the prefetch profile names none of its layers (it was recorded for "
+                "another image)"
+            )
+
+    def _prioritized_for(self, desc: Descriptor) -> tuple[tuple[str, ...], bool]:
+        """The files to put first in this layer, and whether a profile named them."""
+        profile = self.options.profile
+        lp = profile.layer(desc.digest) if profile is not None else None
+        if lp is None or not lp.entries:
+            return self.options.prioritized, False
+        self._profile_layers += 1
+        return with_runtime_files([*self.options.prioritized, *(e.path for e in lp.entries)]), True
 
     async def _convert_index(self, src: Reference, index: Index, raw: bytes, dst: Reference) -> str:
         entries: list[dict[str, Any]] = json.loads(raw)["manifests"]
@@ -212,7 +238,8 @@ class Converter:
         """Push one layer; returns its new descriptor and diff ID."""
         if desc.media_type in _FOREIGN or desc.urls:
             raise FormatError(f"{src}: {label}: foreign layer ({desc.media_type}) not converted")
-        if await self._is_verified_estargz(src, desc):
+        prioritized, from_profile = self._prioritized_for(desc)
+        if not from_profile and await self._is_verified_estargz(src, desc):
             mount = self._mount_from(src, dst)
             got = await self._mount_only(dst, desc, mount) if mount else None
             if got is not None:
@@ -237,7 +264,7 @@ class Converter:
                 write_estargz,
                 data,
                 chunk_size=opts.chunk_size,
-                prioritized=opts.prioritized,
+                prioritized=prioritized,
                 allow_missing_prioritized=True,
             )
         except FormatError as exc:
@@ -331,6 +358,14 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
         metavar="FILE",
         help="alsd.toml to take the registry settings from (default /etc/alsd.toml)",
     )
+    p.add_argument(
+        "--prioritize-profile",
+        metavar="REF-or-FILE",
+        help="prioritise, per layer, the files of a prefetch profile, in its order: a "
+        "profile document (FILE), or the profile of image REF (recorded by this host's "
+        "alsd, see 'alsd profile show', else attached to REF in its registry); layers it "
+        "names are rewritten even when they already are eStargz",
+    )
     return p
 
 
@@ -375,7 +410,9 @@ def main(cmd: str, argv: Sequence[str]) -> int:
         prioritized=with_runtime_files(prioritized),
     )
     try:
-        digest = asyncio.run(_run(src, dst, options, args.config))
+        if args.prioritize_profile and os.path.isfile(args.prioritize_profile):
+            options = replace(options, profile=_profile_file(args.prioritize_profile))
+        digest = asyncio.run(_run(src, dst, options, args.config, args.prioritize_profile))
     except AlsdError as exc:
         print(f"alsd {cmd}: {one_line(str(exc))}", file=sys.stderr)
         return 1
@@ -386,12 +423,49 @@ def main(cmd: str, argv: Sequence[str]) -> int:
     return 0
 
 
+def _profile_file(path: str) -> Profile:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(DEFAULT_LIMITS.max_bytes + 1)
+    except OSError as exc:
+        raise FormatError(f"--prioritize-profile {path}: {exc.strerror}") from None
+    try:
+        return parse_profile(data)
+    except FormatError as exc:
+        raise FormatError(f"--prioritize-profile {path}: {exc}") from None
+
+
+async def _profile_of(cfg: Config, client: RegistryClient, ref_text: str) -> Profile:
+    """The profile of image ``ref_text``: recorded on this host, else in its registry."""
+    from alsd.app.profiles import stored_profile
+    from alsd.registry.referrers import ProfileRegistry
+
+    try:
+        return stored_profile(cfg, ref_text).profile
+    except NotFound as local:
+        ref = parse_reference(ref_text)
+        resolved = await client.resolve(ref)
+        found = await ProfileRegistry(client).find_profile(ref, resolved.manifest_digest)
+        if found is None:
+            raise NotFound(
+                f"--prioritize-profile {ref_text}: no profile recorded here ({local}) nor "
+                "attached to the image in its registry"
+            ) from None
+        return found.profile
+
+
 async def _run(
-    src: Reference, dst: Reference, options: ConvertOptions, cfg_path: str | None
+    src: Reference,
+    dst: Reference,
+    options: ConvertOptions,
+    cfg_path: str | None,
+    profile_ref: str | None = None,
 ) -> str:
     from alsd import config
     from alsd.app.wiring import registry_client
 
     cfg = config.load(cfg_path)
     async with registry_client(cfg, cli_env=os.environ) as client:
+        if profile_ref and options.profile is None:
+            options = replace(options, profile=await _profile_of(cfg, client, profile_ref))
         return await Converter(client, options).convert(src, dst)
