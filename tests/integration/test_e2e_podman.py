@@ -822,3 +822,59 @@ class HelperRelay:
                 self.errors.append(r.stderr.decode(errors="replace"))
             with open(self.answer, "w") as f:
                 f.write(f"{r.returncode}\n")
+
+
+# ------------------------------------------------------------------ prefetch profiles
+
+
+def alsd_cli(alsd: AlsdProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """``alsd ARGS --config <that daemon's alsd.toml>``, seeing no credentials of the host."""
+    empty_auth = alsd.workdir / "cli-auth.json"
+    empty_auth.write_text('{"auths": {}}')
+    env = dict(os.environ, PYTHONPATH=str(REPO), REGISTRY_AUTH_FILE=str(empty_auth))
+    cmd = [sys.executable, "-m", "alsd", *args, "--config", str(alsd.config_path)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def test_profile_recorded_pushed_and_prefetched_on_a_fresh_host(
+    setup: Callable[..., Setup], python_image: str, registry: RegistryServer, generation: str
+) -> None:
+    """Run an unoptimised image once (alsd records what it reads), ``alsd profile push`` it
+    (the registry has no referrers API: tag schema), then on a fresh alsd state and podman
+    store ("another host") the next run finds the profile and prefetches its files."""
+    # A repository of its own: the other tests of this module must not find a profile.
+    repo_tag = f"fx-python-profile-{generation}:esgz"
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
+         f"docker://{registry.address}/{python_image}", f"docker://{registry.address}/{repo_tag}"],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    first = setup()
+    ref = first.ref(repo_tag)
+    run = first.podman("run", "--rm", ref)
+    assert run.stdout.startswith(PYTHON_HELLO), run.stdout
+    (layer,) = ref_layers(first.alsd, ref)
+    assert layer["profile"] == "none"  # nothing known yet
+    first.alsd.stop()  # SIGTERM: the recording is merged and saved
+
+    show = alsd_cli(first.alsd, "profile", "show", ref)
+    assert show.returncode == 0, show.stderr
+    doc = json.loads(show.stdout)
+    (lp,) = doc["layers"]
+    paths = [e["path"] for e in lp["entries"]]
+    assert lp["digest"] == layer["digest"] and lp["compressed_bytes"] > 0
+    assert any(p.endswith("/encodings/__init__.py") or "python3" in p for p in paths), paths
+    push = alsd_cli(first.alsd, "profile", "push", ref)
+    assert push.returncode == 0, push.stderr
+    assert "(referrers tag schema)" in push.stdout, push.stdout
+
+    second = setup()  # fresh alsd state and podman store
+    run = second.podman("run", "--rm", ref)
+    assert run.stdout.startswith(PYTHON_HELLO), run.stdout
+    status = second.alsd.status()
+    (layer2,) = ref_layers(second.alsd, ref)
+    assert status["profiles"]["lookups_found"] == 1, status["profiles"]
+    assert layer2["profile"] == "done", layer2
+    assert layer2["profile_entries"] == len(paths)
+    assert layer2["profile_bytes"] == lp["compressed_bytes"]
+    assert layer2["bytes_fetched"] >= layer2["profile_bytes"]
