@@ -98,6 +98,60 @@ def _cold_table(b: Bench, label: str) -> list[str]:
     return lines
 
 
+def _profiles_table(b: Bench, label: str, name: str) -> list[str]:
+    """Issue 15: each image without and with a pushed prefetch profile, against the
+    prioritised eStargz (target: with profile <= 1.15x); and alsd with profiles on vs off
+    on an image without one (target: no slower)."""
+    from bench.runner import IMAGES, VARIANTS
+
+    prio = b.cold.get((label, "alsd-esgz-prio"))
+    rows = []
+    for v in VARIANTS:
+        if not v.profile:
+            continue
+        without = next((b.cold.get((label, x.key)) for x in VARIANTS
+                        if x.image == v.image and x.store == "alsd" and not x.profile
+                        and not x.settings), None)  # fmt: skip
+        with_ = b.cold.get((label, v.key))
+        if with_ is None:
+            continue
+        ok = with_.total.ok
+        vs_prio = (_ratio(with_.total.median, prio.total.median)
+                   if ok and prio is not None and prio.total.ok else "–")  # fmt: skip
+        gain = (_ratio(with_.total.median, without.total.median)
+                if ok and without is not None and without.total.ok else "–")  # fmt: skip
+        facts = b.images.get(name, {}).get("profiles", {})
+        gen = next((g for lab, n, g in b.cold_runs if lab == label), "host")
+        pf = facts.get(f"{v.image}/{gen}", {})
+        rows.append(
+            f"| {IMAGES[v.image].label} | {without.total.fmt() if without else 'n/a'} "
+            f"| {with_.total.fmt() if ok else 'failed'} | {gain} | **{vs_prio}** "
+            f"| {without.bytes_total.fmt('MB', 1e6, 1) if without else 'n/a'} "
+            f"| {with_.bytes_total.fmt('MB', 1e6, 1) if ok else '–'} "
+            f"| {pf.get('entries', '–')} files, {_mb(pf['compressed_bytes']) if pf else '–'} |"
+        )
+    if not rows:
+        return []
+    out = [
+        "| image | cold start without profile | with pushed profile | with / without "
+        "| with / prioritised eStargz (target ≤ 1.15×) | bytes without | bytes with "
+        "| profile (files, compressed bytes they cover) |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    if prio is not None and prio.total.ok:
+        out += ["", f"Prioritised eStargz (alsd convert, traced files): {prio.total.fmt()}."]
+    on, off = b.cold.get((label, "alsd-esgz")), b.cold.get((label, "alsd-esgz-noprofiles"))
+    if on is not None and off is not None and on.total.ok and off.total.ok:
+        out += [
+            "",
+            f"First run, no profile anywhere (eStargz): profiles on {on.total.fmt()} vs off "
+            f"{off.total.fmt()}: {_ratio(on.total.median, off.total.median)} (target: no "
+            "slower; on = a referrers lookup concurrent with the TOC fetches, and recording).",
+        ]
+    return out
+
+
 def _compare_table(b: Bench, label: str, name: str) -> list[str]:
     """alsd and stargz-store side by side per image (ratios of medians), or nothing."""
     from bench.runner import IMAGES, VARIANTS
@@ -310,6 +364,20 @@ def write_report(b: Bench, out_dir: Path) -> Path:
           "client bytes across the link during pull + run.", ""]  # fmt: skip
     for label, _, _ in b.cold_runs:
         L += [f"### {label}", "", *_cold_table(b, label), ""]
+    prof = [(label, _profiles_table(b, label, name)) for label, name, _ in b.cold_runs]
+    if any(t for _, t in prof):
+        L += [
+            "## Prefetch profiles", "",
+            "Each image is copied to a repository of its own, run once through alsd (which "
+            "records the files the container reads), and the profile pushed next to it with "
+            "`alsd profile push` (the referrers tag schema: docker-registry 2.8 has no "
+            "referrers API). The cold start with profile then runs on fresh alsd state and a "
+            "fresh podman store, as a second host would: alsd finds the profile while it "
+            "fetches the TOCs and prefetches its files in order.", "",
+        ]  # fmt: skip
+        for label, t in prof:
+            if t:
+                L += [f"### {label}", "", *t, ""]
     side = [(label, _compare_table(b, label, name)) for label, name, _ in b.cold_runs]
     if any(t for _, t in side):
         L += [

@@ -216,11 +216,19 @@ class Variant:
     store: str = ""  # "", "alsd" or "stargz-store": the Additional Layer Store podman uses
     partial: bool = False
     image: str = ""  # key of IMAGES for the stores' variants
+    # Prefetch profiles (issue 15): the image is copied to bench/<workload>-profiled, run
+    # once through alsd (which records what it reads) and the profile pushed there with
+    # `alsd profile push`; the cold start then runs on fresh alsd state ("another host").
+    profile: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)  # alsd.toml keys, dotted
 
     @property
     def als(self) -> bool:
         return bool(self.store)
 
+
+# Images measured again with a prefetch profile pushed next to them (issue 15).
+PROFILED_IMAGES = ("esgz", "zstdchunked", "ctr-zstd")
 
 # Keys of the alsd variants on alsd's own images stay what they were (earlier results).
 _ALSD_KEYS = {"esgz": "alsd-esgz", "esgz-prio": "alsd-esgz-prio", "zstdchunked": "alsd-zstd"}
@@ -232,6 +240,14 @@ VARIANTS = [
       for k, im in IMAGES.items()),
     *(Variant(f"sgz-{k}", f"stargz-store, {im.label}", im.tag, "stargz-store", image=k)
       for k, im in IMAGES.items()),
+    # alsd as it was before prefetch profiles: no registry lookup, no recording.
+    Variant("alsd-esgz-noprofiles", f"alsd, {IMAGES['esgz'].label}, profiles off", "esgz",
+            "alsd", image="esgz",
+            settings={"prefetch.profiles": False, "prefetch.record": False}),
+    *(Variant(f"{_ALSD_KEYS.get(k, f'alsd-{k}')}-profile",
+              f"alsd, {IMAGES[k].label} + pushed profile", IMAGES[k].tag, "alsd", image=k,
+              profile=True)
+      for k in PROFILED_IMAGES),
 ]  # fmt: skip
 
 
@@ -488,11 +504,11 @@ class Bench:
         d = self.fresh_dir("c", gen)
         store: AlsdProcess | StargzStore | None = None
         env: PodmanEnv | None = None
-        ref = self.ref(w.name, zstd_tag(gen) if v.tag == "zstdchunked" else v.tag)
+        ref = self.variant_ref(w, v, gen)
         assert self.proxy is not None
         try:
             if v.store == "alsd":
-                store = self.alsd(d / "a")
+                store = self.alsd(d / "a", v.settings)
             elif v.store == "stargz-store":
                 assert self.args.compare_stargz_store is not None
                 store = StargzStore(self.args.compare_stargz_store, d / "s", [self.link]).start()
@@ -542,6 +558,56 @@ class Bench:
                     name = f"{w.name}-{gen}-{v.key}-{n}.log"
                     with contextlib.suppress(OSError):
                         shutil.copyfile(store.log_path, self.args.keep_logs / name)
+            shutil.rmtree(d, ignore_errors=True)
+
+    def variant_ref(self, w: wl.Workload, v: Variant, gen: str) -> str:
+        tag = zstd_tag(gen) if v.tag == "zstdchunked" else v.tag
+        return self.ref(f"{w.name}-profiled" if v.profile else w.name, tag)
+
+    def learn_profile(self, w: wl.Workload, v: Variant, gen: str) -> None:
+        """Copy the variant's image to its own repository, run it once through alsd (which
+        records what the container reads; stopped with SIGTERM, it saves the recording)
+        and attach the profile there with `alsd profile push` (tag schema: the registry
+        has no referrers API). Not timed."""
+        assert self.registry is not None
+        tag = zstd_tag(gen) if v.tag == "zstdchunked" else v.tag
+        addr = self.registry.address
+        subprocess.run(
+            ["skopeo", "copy", "--quiet", "--preserve-digests", "--src-tls-verify=false",
+             "--dest-tls-verify=false", f"docker://{addr}/bench/{w.name}:{tag}",
+             f"docker://{addr}/bench/{w.name}-profiled:{tag}"],
+            check=True, capture_output=True, timeout=1200,
+        )  # fmt: skip
+        ref = self.variant_ref(w, v, gen)
+        d = self.fresh_dir("l", gen)
+        als = self.alsd(d / "a")
+        env: PodmanEnv | None = None
+        try:
+            env = self.podman(d / "p", als.mountpoint, False, gen)
+            env.run("run", "--rm", ref, timeout=1200)
+            env.teardown()
+            env = None
+            als.stop()
+            cli = [sys.executable, "-m", "alsd", "profile"]
+            penv = dict(os.environ, PYTHONPATH=str(REPO))
+            show = subprocess.run([*cli, "show", "--config", str(als.config_path), ref],
+                                  capture_output=True, text=True, env=penv, check=True)  # fmt: skip
+            doc = json.loads(show.stdout)
+            push = subprocess.run([*cli, "push", "--config", str(als.config_path), ref],
+                                  capture_output=True, text=True, env=penv, check=True)  # fmt: skip
+            facts = self.images[w.name].setdefault("profiles", {})
+            facts[f"{v.image}/{gen}"] = {
+                "entries": sum(len(la["entries"]) for la in doc["layers"]),
+                "compressed_bytes": sum(la["compressed_bytes"] or 0 for la in doc["layers"]),
+                "pushed": push.stdout.strip(),
+            }
+            log(f"  {w.name} {v.key} ({gen}): profile of "
+                f"{facts[f'{v.image}/{gen}']['entries']} files pushed")  # fmt: skip
+        finally:
+            if env is not None:
+                env.teardown()
+            with contextlib.suppress(Exception):
+                als.cleanup()
             shutil.rmtree(d, ignore_errors=True)
 
     @staticmethod
@@ -777,6 +843,15 @@ class Bench:
             for w in workloads:
                 self.push_workload(w)
             variants = self.selected_variants()
+            for gen in a.podman:
+                for w in workloads:
+                    for v in variants:
+                        if v.profile:
+                            try:
+                                self.learn_profile(w, v, gen)
+                            except Exception as exc:
+                                self.fail(f"{w.name}: learning the profile of {v.key} ({gen})",
+                                          exc)  # fmt: skip
             for gen in a.podman:
                 for w in workloads:
                     label = w.name if gen == "host" else f"{w.name}, {self.podman_versions[gen]}"
