@@ -25,6 +25,9 @@ This module is pure (bytes in, frozen dataclasses out):
   :func:`parse_artifact_manifest`) and the referrers index of the distribution spec's
   referrers tag schema (:func:`parse_referrers`, :func:`add_referrer`,
   :func:`referrers_tag`).
+
+The protocol facts this relies on (artifact manifests, the empty descriptor, the
+referrers API and tag schema) are in developer-notes/profiles.md.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ the new descriptor added to it (everything else in it kept) and the index PUT ba
 
 Lookups and pushes go to the registry itself (after registries.conf rewriting), not to
 mirrors: mirrors serve what was pulled through them, which does not include referrers.
-Knows nothing of FUSE; every request goes through the client's transport.
+Knows nothing of FUSE; every request goes through the client's transport. The protocol
+facts are in developer-notes/profiles.md ("The artifact and the referrers").
 """
 
 from __future__ import annotations
