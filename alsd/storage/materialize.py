@@ -7,7 +7,7 @@ and removes such directories; when to do it is the layer manager's business.
 
 On disk (``root`` is 0700, so other local users reach nothing through it)::
 
-    <root>/<key>/record        metadata envelope: TOC digest, entry and file counts, bytes
+    <root>/<key>/record        JSON + sha256 of it: TOC digest, entry and file counts, bytes
     <root>/<key>/diff/         the layer's tree in overlayfs lower form
     <root>/tmp/<key>.<random>/ a directory being built (a crash leaves only these)
     <root>/trash/<name>        a directory being removed
@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
@@ -43,7 +44,6 @@ from pathlib import Path
 from typing import Protocol
 
 from alsd.errors import StoreError
-from alsd.metadata import MetadataError, atomic_write, pack, unpack
 from alsd.oci.layer_index import Chunk, EntryKind, LayerIndex
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,21 @@ class Record:
     files: int  # regular-file inodes
     file_bytes: int  # content bytes of those inodes (each counted once)
     built_ns: int  # when it was renamed into place (time.time_ns)
+
+    def encode(self) -> bytes:
+        body = json.dumps(self.to_obj(), sort_keys=True).encode()
+        return body + b"\n" + hashlib.sha256(body).hexdigest().encode() + b"\n"
+
+    @classmethod
+    def decode(cls, data: bytes) -> Record:
+        body, sep, rest = data.rpartition(b"\n")[0].rpartition(b"\n")
+        if not sep or hashlib.sha256(body).hexdigest().encode() != rest:
+            raise MaterializeError("record checksum mismatch (corrupt or truncated)")
+        try:
+            obj = json.loads(body)
+        except ValueError as exc:
+            raise MaterializeError(f"record does not decode: {exc}") from exc
+        return cls.from_obj(obj)
 
     def to_obj(self) -> dict[str, object]:
         return {
@@ -183,6 +198,17 @@ def _syncfs(fd: int) -> None:
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, _DIR_FLAGS)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -418,10 +444,7 @@ class LayerDirs:
             data = (layer_dir / RECORD_NAME).read_bytes()
         except OSError as exc:
             raise MaterializeError(f"record unreadable: {exc.strerror}") from exc
-        try:
-            rec = Record.from_obj(unpack(data))
-        except MetadataError as exc:
-            raise MaterializeError(f"record: {exc}") from exc
+        rec = Record.decode(data)
         if layer_key(rec.toc_digest) != layer_dir.name:
             raise MaterializeError("record names another layer")
         return rec
@@ -525,7 +548,7 @@ class LayerDirs:
                 file_bytes=summary.file_bytes,
                 built_ns=time.time_ns(),
             )
-            atomic_write(work / RECORD_NAME, pack(rec.to_obj()))
+            _write_durably(work / RECORD_NAME, rec.encode())
             fd = os.open(work, _DIR_FLAGS)
             try:
                 _syncfs(fd)  # every file and directory of the tree, in one flush
