@@ -22,6 +22,7 @@ import json
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -878,3 +879,157 @@ def test_profile_recorded_pushed_and_prefetched_on_a_fresh_host(
     assert layer2["profile_entries"] == len(paths)
     assert layer2["profile_bytes"] == lp["compressed_bytes"]
     assert layer2["bytes_fetched"] >= layer2["profile_bytes"]
+
+
+# ------------------------------------------------------------------ materialised layers
+
+# Background fetch on (the default), so that alsd holds every chunk soon after the pull
+# and materialises the layers (developer-notes/materialize.md).
+MATERIALIZE_SETTINGS: dict[str, Any] = {**ALSD_SETTINGS, "prefetch.background": True}
+# podman's own entries in a container's upper directory (made at create or start), and
+# the directories it writes them into (their mtimes are podman's, not the image's).
+PODMAN_MADE = {"etc/hosts", "etc/hostname", "etc/resolv.conf", "run/.containerenv"}
+PODMAN_WRITES_INTO = {"etc", "run"}
+
+
+def wait_materialised(alsd: AlsdProcess, ref: str, count: int) -> list[dict[str, Any]]:
+    def done() -> bool:
+        layers = ref_layers(alsd, ref)
+        return len(layers) == count and all(la["materialized"] == "yes" for la in layers)
+
+    try:
+        poll(f"the {count} layer(s) of {ref} to be materialised", done)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {ref_layers(alsd, ref)}\n{alsd.log_tail()}") from None
+    return ref_layers(alsd, ref)
+
+
+def realpath_in(penv: PodmanEnv, path: str) -> str:
+    """``realpath`` of a path as podman sees it, resolved where podman runs."""
+    prefix = [] if penv.chroot is None else ["chroot", str(penv.chroot)]
+    cmd = [*prefix, "realpath", path]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def container_lowers(s: Setup, name: str) -> list[str]:
+    """The container's lower directories, resolved (symlinks followed) as podman sees them."""
+    out = s.podman("inspect", "--format", "{{.GraphDriver.Data.LowerDir}}", name).stdout
+    return [realpath_in(s.penv, p) for p in out.strip().split(":") if p]
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Every entry under ``root``: type and mode, owner, size, mtime, link count,
+    device number, xattrs, symlink target, content hash (lstat only, no link followed)."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st = os.lstat(p)
+            xattrs = tuple(
+                sorted(
+                    (k, os.getxattr(p, k, follow_symlinks=False))
+                    for k in os.listxattr(p, follow_symlinks=False)
+                )
+            )
+            extra: Any = None
+            if stat.S_ISREG(st.st_mode):
+                extra = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                extra = os.readlink(p)
+            out[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                        st.st_nlink, st.st_rdev, xattrs, extra)  # fmt: skip
+    return out
+
+
+def mounted_tree(s: Setup, name: str) -> dict[str, tuple[Any, ...]]:
+    path = s.podman("mount", name).stdout.strip()
+    try:
+        return tree_snapshot(s.penv.host_path(path))
+    finally:
+        s.podman("umount", name)
+
+
+@pytest.mark.parametrize("tag", ["esgz", "zstdchunked-podman54"])
+def test_materialised_layers_serve_new_containers_from_local_directories(
+    setup: Callable[..., Setup], pushed: dict[str, str], registry: RegistryServer, tag: str
+) -> None:
+    """Once alsd holds every chunk of the image, it extracts each layer into a directory
+    under its state dir and answers ``diff`` as a symlink to it: a container created
+    afterwards has no lower directory on the mount, its filesystem equals the gzip
+    image's, and it keeps reading files while alsd is killed (SIGKILL) and restarted."""
+    s = setup(settings=MATERIALIZE_SETTINGS)
+    ref, gzip_ref = s.ref(pushed[tag]), s.ref(pushed["gzip"])
+    n_layers = len(registry_image(registry, "fx", tag)["layers"])
+    assert s.podman("run", "--rm", ref).stdout.strip() == EXPECTED
+    layers = wait_materialised(s.alsd, ref, n_layers)
+    assert all(la["local_bytes"] > 0 for la in layers), layers
+
+    # No leak: other local users reach nothing of the local directories, even with every
+    # directory above state_dir/layers open to them; in a container, the image's own
+    # modes apply (data/small.txt is 0644).
+    small = sorted(s.alsd.state_dir.glob("layers/*/diff/data/small.txt"))
+    assert small, sorted(s.alsd.state_dir.glob("layers/*"))
+    for d in (s.work, s.work / "alsd", s.alsd.state_dir):
+        d.chmod(0o711)
+    for cmd in (["ls", str(s.alsd.state_dir / "layers")], ["cat", str(small[0])]):
+        r = subprocess.run(["runuser", "-u", "nobody", "--", *cmd], capture_output=True, text=True)
+        assert r.returncode != 0 and "Permission denied" in r.stderr, (cmd, r.stderr)
+    as_nobody = s.podman("run", "--rm", "--user", "nobody", ref, "cat", "/data/small.txt")
+    assert as_nobody.stdout.strip() == EXPECTED
+
+    s.podman("create", "--name", "after", ref, "sh", "-c", "sleep 600")
+    mount_in_podman = s.penv.podman_path(s.alsd.mountpoint)
+    state_in_podman = s.penv.podman_path(s.alsd.state_dir)
+    lowers = container_lowers(s, "after")
+    assert len(lowers) == n_layers, lowers
+    for low in lowers:
+        assert not low.startswith(mount_in_podman + "/"), f"{low} is on the FUSE mount"
+        assert low.startswith(f"{state_in_podman}/layers/"), low
+
+    # Attribute for attribute, byte for byte: the same container made from the gzip image
+    # (pulled whole by podman). eStargz TOCs hold whole seconds (ctr-remote rounds the
+    # tar's mtimes too), so there mtimes are compared to the second.
+    s.podman("create", "--name", "plain", gzip_ref, "sh", "-c", "sleep 600")
+    lazy, plain = mounted_tree(s, "after"), mounted_tree(s, "plain")
+    assert set(lazy) == set(plain)
+    whole_seconds = tag.startswith("esgz")
+    for path in sorted(plain):
+        if path in PODMAN_MADE:
+            continue
+        a, b = list(lazy[path]), list(plain[path])
+        if stat.S_ISDIR(a[0]):
+            a[3] = b[3] = 0  # a directory's st_size is its filesystem's, not the image's
+        if path in PODMAN_WRITES_INTO:
+            a[4] = b[4] = 0
+        elif whole_seconds:
+            assert abs(a[4] - b[4]) < 10**9, path
+            a[4] = b[4] = 0
+        assert a == b, f"{path}: {a} != {b}"
+    assert lazy["data/hard"][5] == 2  # one inode, two names (hardlink kept)
+
+    # SIGKILL alsd while the container reads every file over and over: no read fails. The
+    # container logs to a directory of the host, since no podman command works while the
+    # ALS mount is dead.
+    out = s.work / "reader-out"
+    out.mkdir()
+    log_file = out / "log"
+    script = ("i=0; while :; do for f in $(find / -xdev -type f); do "
+              "cat \"$f\" > /dev/null || echo FAIL \"$f\" >> /out/log; done; i=$((i+1)); "
+              "echo round $i >> /out/log; done")  # fmt: skip
+    s.podman("rm", "after")
+    s.podman("run", "-d", "--name", "reader", "-v", f"{s.penv.podman_path(out)}:/out", ref,
+             "sh", "-c", script)  # fmt: skip
+
+    def rounds() -> int:
+        return log_file.read_text().count("round ") if log_file.exists() else 0
+
+    poll("the reader's first round", lambda: rounds() >= 1)
+    s.alsd.kill()
+    before = rounds()
+    poll("more rounds with alsd dead", lambda: rounds() >= before + 3)
+    text = log_file.read_text()
+    assert "FAIL" not in text, text[-2000:]
+    print(f"{tag}: {rounds() - before} rounds of reading every file with alsd killed, 0 failed")
+    s.restart_alsd()  # podman itself needs the ALS mount back to run any command
+    s.podman("rm", "-f", "reader", "plain")
