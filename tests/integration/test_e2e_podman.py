@@ -975,7 +975,7 @@ def test_materialised_layers_serve_new_containers_from_local_directories(
     for cmd in (["ls", str(s.alsd.state_dir / "layers")], ["cat", str(small[0])]):
         r = subprocess.run(["runuser", "-u", "nobody", "--", *cmd], capture_output=True, text=True)
         assert r.returncode != 0 and "Permission denied" in r.stderr, (cmd, r.stderr)
-    as_nobody = s.podman("run", "--rm", "--user", "nobody", ref, "cat", "/data/small.txt")
+    as_nobody = s.podman("run", "--rm", "--user", "65534:65534", ref, "cat", "/data/small.txt")
     assert as_nobody.stdout.strip() == EXPECTED
 
     s.podman("create", "--name", "after", ref, "sh", "-c", "sleep 600")
