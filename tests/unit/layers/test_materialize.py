@@ -22,9 +22,9 @@ import pytest
 from alsd.oci import formats
 from alsd.oci.estargz_writer import layer_annotations, write_estargz
 from alsd.oci.layer_index import Chunk, LayerIndex, normalize_name
-from alsd.storage.materialize import LayerDirs, MaterializeError, layer_key
+from alsd.layers.materialize import LayerDirs, MaterializeError, layer_key
 from tests.support.oci_layout import OciLayout
-from tests.unit.test_formats_fixtures import LAZY_TAGS
+from tests.unit.oci.test_formats_fixtures import LAZY_TAGS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="extraction needs root")
 
