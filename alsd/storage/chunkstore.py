@@ -27,7 +27,7 @@ import errno
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,9 @@ class ChunkStore:
         self._lru: OrderedDict[str, int] = OrderedDict()
         self._total = 0
         self._reserved = 0
+        # Bytes held for files kept outside the store under the same limit (materialised
+        # layers): hold_outside/release_outside.
+        self._outside = 0
         self._pins: dict[str, int] = {}
         self._busy: dict[str, asyncio.Event] = {}
         # Chunks that may be torn by an OS crash before their pages reached the disk.
@@ -114,7 +117,13 @@ class ChunkStore:
     def _check(self) -> None:
         # Cheap O(1) form of the invariant; check_invariants() does the full O(n) check.
         assert self._total >= 0 and self._reserved >= 0, (self._total, self._reserved)
-        assert self._total + self._reserved <= self._max, (self._total, self._reserved, self._max)
+        assert self._outside >= 0, self._outside
+        assert self._total + self._reserved + self._outside <= self._max, (
+            self._total,
+            self._reserved,
+            self._outside,
+            self._max,
+        )
 
     def _account_add(self, hx: str, size: int) -> None:
         assert hx not in self._lru, hx
@@ -135,7 +144,7 @@ class ChunkStore:
         Victims leave the table at once (reads of them miss from now on) and are marked
         busy; the caller unlinks them in its worker thread and then clears the marks.
         """
-        need = self._total + self._reserved + size - self._max
+        need = self._total + self._reserved + self._outside + size - self._max
         victims: list[str] = []
         if need > 0:
             freed = 0
@@ -159,6 +168,45 @@ class ChunkStore:
     def _unreserve(self, size: int) -> None:
         self._reserved -= size
         self._check()
+
+    async def hold_outside(self, size: int) -> bool:
+        """Count ``size`` bytes kept outside the store (a materialised layer) against
+        ``max_bytes``, evicting chunks (LRU) to make room; False if room cannot be made
+        (nothing is held then). Give them back with :meth:`release_outside`."""
+        self._ensure_open()
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        victims = self._reserve(size)
+        if victims is None:
+            return False
+        try:
+            if victims:
+                await asyncio.shield(self._spawn(self._evict(victims)))
+        finally:
+            self._reserved -= size
+            self._outside += size
+            self._check()
+        return True
+
+    async def _evict(self, victims: list[str]) -> None:
+        try:
+            await asyncio.to_thread(self._files.unlink_sync, victims)
+        finally:
+            for v in victims:
+                self._busy.pop(v).set()
+
+    def release_outside(self, size: int) -> None:
+        """Bytes held with :meth:`hold_outside` are free again."""
+        self._outside -= size
+        self._check()
+
+    def demote(self, digests: Iterable[str]) -> None:
+        """Make these chunks the first to be evicted (their content is kept elsewhere
+        now, e.g. a materialised layer). Chunks not stored are ignored."""
+        for digest in digests:
+            hx = chunk_hex(digest)
+            if hx is not None and hx in self._lru:
+                self._lru.move_to_end(hx, last=False)
 
     def check_invariants(self) -> None:
         """Full consistency check of the bookkeeping (O(n); for tests and debugging)."""
@@ -265,6 +313,7 @@ class ChunkStore:
             "count": len(self._lru),
             "max_bytes": self._max,
             "reserved": self._reserved,
+            "outside_bytes": self._outside,
             "pinned": len(self._pins),
             "hits": self._hits,
             "misses": self._misses,

@@ -204,6 +204,33 @@ async def test_lru_eviction_keeps_recently_used(tmp_path: Path) -> None:
     await s.close()
 
 
+async def test_bytes_held_outside_share_the_limit(tmp_path: Path) -> None:
+    """Materialised layers count against max_bytes: holding room evicts LRU chunks,
+    demoted chunks go first, and what cannot fit is refused without evicting anything."""
+    s = ChunkStore(tmp_path / "store", 4000)
+    await s.open()
+    a, b, c, d = (blob(i) for i in range(4))
+    for x in (a, b, c, d):
+        assert await s.put(dg(x), x)
+    s.demote([dg(c), "sha256:" + "0" * 64, "junk"])  # c first, unknown ones ignored
+    assert await s.hold_outside(1500)  # two chunks must go: c (demoted), then a (LRU)
+    assert not s.has(dg(c)) and not s.path_for(dg(c)).exists()
+    assert not s.has(dg(a)) and s.has(dg(b)) and s.has(dg(d))
+    assert s.stats()["outside_bytes"] == 1500
+    assert s.stats()["evictions"] == 2
+    assert_consistent(s)
+    # Puts now fit in what is left: 4000 - 1500 = 2500, two chunks.
+    assert await s.put(dg(a), a)
+    assert not s.has(dg(b))
+    assert await s.hold_outside(2501) is False
+    assert s.has(dg(a)) and s.has(dg(d))  # a refused hold evicts nothing
+    s.release_outside(1500)
+    assert s.stats()["outside_bytes"] == 0
+    assert await s.hold_outside(2000)
+    assert_consistent(s)
+    await s.close()
+
+
 async def test_pinned_chunk_is_never_evicted(tmp_path: Path) -> None:
     s = ChunkStore(tmp_path / "store", 2000)
     await s.open()
