@@ -172,6 +172,12 @@ class LayersConfig:
         "twice its size in memory while it is decoded",
         _positive,
     )
+    materialize: bool = _setting(
+        True,
+        "once every chunk of a layer is stored, extract it into a directory under state_dir "
+        "and answer its diff as a symlink to it: containers started afterwards read the "
+        "local disk directly, without FUSE (counted in [cache] max_bytes)",
+    )
 
 
 @dataclass(frozen=True)
@@ -389,6 +395,7 @@ class LayerSettings:
     # and served only once its whole body has arrived, and the prioritised region is in
     # the order the container reads it, so small requests let it start early.
     prefetch_request_bytes: int = 1 << 20
+    materialize: bool = _DEFAULT.layers.materialize
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,6 +436,7 @@ def layer_settings(cfg: Config) -> LayerSettings:
         negative_cache_ttl_s=cfg.layers.negative_cache_ttl_s,
         unknown_diff_size=cfg.layers.unknown_diff_size,
         max_chunk_bytes=cfg.layers.max_chunk_bytes,
+        materialize=cfg.layers.materialize,
     )
 
 

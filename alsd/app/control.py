@@ -67,6 +67,7 @@ def status_document(
             "uses": stats.uses,
             "releases": stats.releases,
             "negative_lookups": stats.negative_lookups,
+            "invalidations": stats.invalidations,
         }
     return doc
 

@@ -112,6 +112,8 @@ async def open_parts(cfg: Config, stack: AsyncExitStack) -> DaemonParts:
     from alsd.fs.ops import Operations
     from alsd.fs.tree import Tree
     from alsd.layers.manager import LayerManager
+    from alsd.layers.materialize import LayerDirs
+    from alsd.layers.materializer import relative_link_prefix
     from alsd.storage.chunkstore import ChunkStore
     from alsd.storage.metadata import MetadataStore
 
@@ -127,8 +129,16 @@ async def open_parts(cfg: Config, stack: AsyncExitStack) -> DaemonParts:
     metadata = MetadataStore(state / "metadata")
     await metadata.sweep_async()
 
+    layers_root = state / "layers"
     manager = LayerManager(
-        registry, store, metadata, layer_settings(cfg), profile_lookup=profile_lookup(registry)
+        registry,
+        store,
+        metadata,
+        layer_settings(cfg),
+        profile_lookup=profile_lookup(registry),
+        layer_dirs=LayerDirs(layers_root),
+        space=store,
+        link_prefix=relative_link_prefix(layers_root, Path(cfg.mountpoint)),
     )
     await manager.load_state()
     stack.push_async_callback(manager.close)
@@ -137,4 +147,5 @@ async def open_parts(cfg: Config, stack: AsyncExitStack) -> DaemonParts:
     # The manager bounds resolution itself; this is only the backstop that keeps a
     # podman lookup from hanging if it does not.
     ops = Operations(tree, manager, resolve_timeout_s=cfg.fetch.resolve_timeout_s + 5.0)
+    manager.on_materialized = ops.invalidate_diff
     return DaemonParts(credentials, registry, manager, ops)

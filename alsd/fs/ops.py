@@ -74,6 +74,7 @@ class FuseStats:
     uses: int = 0
     releases: int = 0
     negative_lookups: int = 0  # absent names in diff/, answered as cacheable negatives
+    invalidations: int = 0  # layers whose diff entries were invalidated (materialised)
 
 
 def _handler(
@@ -167,6 +168,17 @@ class Operations(pyfuse3.Operations):
         for t in tasks:
             t.cancel()
         return len(tasks)
+
+    def invalidate_diff(self, layer: LayerLike) -> None:
+        """``diff`` of ``layer`` changed (it is a symlink to a local directory now): make
+        the kernel forget the cached entry in every layer directory naming the layer, so
+        that the next lookup (the next container's mount) gets the symlink. The old
+        directory inode stays valid for the mounts that hold it."""
+        for ino in self.tree.layer_dirs_of(layer):
+            pyfuse3.invalidate_entry_async(
+                pyfuse3.InodeT(ino), pyfuse3.FileNameT(b"diff"), ignore_enoent=True
+            )
+        self.stats.invalidations += 1
 
     # -- helpers ------------------------------------------------------------------------
     def _entry(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -272,6 +284,8 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
         t = self.tree.resolve(inode)
+        if t.kind is Kind.DIFF_LINK and t.layer is not None and t.layer.diff_link is not None:
+            return os.fsencode(t.layer.diff_link)
         if t.kind is not Kind.DIFF or t.layer is None:
             raise FUSEError(errno.EINVAL)
         if not stat.S_ISLNK(self.tree.attr(inode).mode):
@@ -353,6 +367,8 @@ class Operations(pyfuse3.Operations):
             mode = self.tree.attr(inode).mode
             if not stat.S_ISREG(mode):
                 raise FUSEError(errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL)
+        elif t.kind is Kind.DIFF_LINK:
+            raise FUSEError(errno.ELOOP)  # the kernel follows it; O_NOFOLLOW ends here
         elif t.kind not in (Kind.INFO, Kind.BLOB):
             raise FUSEError(errno.EISDIR)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(inode), keep_cache=True)

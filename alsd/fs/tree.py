@@ -16,7 +16,8 @@ lower directories of one overlay mount on the same FUSE superblock:
 - directories of the store itself ("meta" nodes: root, ref and digest dirs) take numbers
   below 2**32 (root = 1, the FUSE root inode);
 - a layer with ``layer_no`` N owns ``[(N+1) << 32, (N+2) << 32)``: +1 the old-generation
-  ``info``, +2 the new-generation ``info``, +3 ``blob``, +4+node the ``diff`` tree, so
+  ``info``, +2 the new-generation ``info``, +3 ``blob``, +4+node the ``diff`` tree (+0:
+  ``diff`` as a symlink once the layer is materialised, developer-notes/materialize.md), so
   hardlinks (one index node) share one inode and the numbers survive a restart as long as
   the engine keeps layer numbers.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 import stat
 from collections.abc import Sequence
@@ -50,6 +52,7 @@ _INFO_OLD = 1
 _INFO_NEW = 2
 _BLOB = 3
 _DIFF_BASE = 4
+_DIFF_LINK = 0  # ``diff`` of a materialised layer: a symlink to its local directory
 
 _DIGEST_NAME = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
@@ -86,6 +89,8 @@ class LayerLike(Protocol):
     def info_old(self) -> bytes: ...
     @property
     def info_new(self) -> bytes: ...
+    @property
+    def diff_link(self) -> str | None: ...
 
 
 class Kind(Enum):
@@ -95,6 +100,7 @@ class Kind(Enum):
     INFO = "info"
     BLOB = "blob"
     DIFF = "diff"  # a node of a layer's tree (node 0 = diff/ itself)
+    DIFF_LINK = "diff-link"  # ``diff`` of a materialised layer (a symlink)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +242,10 @@ class Tree:
             raise StoreError(f"engine answered {layer.blob_digest} for {m.digest}")  # a bug
         base = self._base(layer.layer_no)
         if name == "diff":
-            ino = base + _DIFF_BASE + LayerIndex.ROOT
+            # A materialised layer's diff is a symlink to its local directory (a new
+            # inode: the directory inode stays valid for mounts that hold it).
+            link = layer.diff_link is not None
+            ino = base + (_DIFF_LINK if link else _DIFF_BASE + LayerIndex.ROOT)
         elif name == "blob":
             ino = base + _BLOB
         elif name == "info":
@@ -338,6 +347,10 @@ class Tree:
             return Target(Kind.INFO, layer.ref, layer.toc_digest, layer)
         if low == _BLOB:
             return Target(Kind.BLOB, layer.ref, layer.blob_digest, layer)
+        if low == _DIFF_LINK:
+            if layer.diff_link is None:
+                raise UnknownLayer(f"inode {ino}: layer {layer.blob_digest} has no local copy")
+            return Target(Kind.DIFF_LINK, layer.ref, layer.blob_digest, layer)
         node = low - _DIFF_BASE
         if not 0 <= node < layer.index.node_count():
             raise UnknownLayer(f"inode {ino} is not a node of layer {layer.blob_digest}")
@@ -354,6 +367,9 @@ class Tree:
         if t.kind is Kind.INFO:
             size = len(t.content())
             return Attr(ino, stat.S_IFREG | 0o400, 1, self._uid, self._gid, size, 0, self._mtime_ns)
+        if t.kind is Kind.DIFF_LINK:
+            size = len(os.fsencode(t.layer.diff_link or ""))
+            return Attr(ino, stat.S_IFLNK | 0o777, 1, self._uid, self._gid, size, 0, self._mtime_ns)
         if t.kind is Kind.BLOB:
             size = t.layer.index.blob_size
             return Attr(ino, stat.S_IFREG | 0o400, 1, self._uid, self._gid, size, 0, self._mtime_ns)
@@ -383,9 +399,10 @@ class Tree:
                 if la.ref == t.ref and t.digest in (la.blob_digest, la.toc_digest):
                     base = self._base(la.layer_no)
                     info = _INFO_OLD if t.digest == la.blob_digest else _INFO_NEW
+                    diff = _DIFF_LINK if la.diff_link is not None else _DIFF_BASE
                     return [
                         ("blob", base + _BLOB),
-                        ("diff", base + _DIFF_BASE),
+                        ("diff", base + diff),
                         ("info", base + info),
                     ]
             return []
@@ -408,6 +425,17 @@ class Tree:
             return ino
         node = t.layer.index.find(path.rpartition("/")[0])
         return ino if node is None else self.diff_inode(t.layer, node)
+
+    def layer_dirs_of(self, layer: LayerLike) -> list[int]:
+        """The ``<ref>/<digest>`` directory inodes that name ``layer`` (by its blob or
+        TOC digest), for invalidating their cached ``diff`` entries."""
+        return [
+            m.ino
+            for m in self._meta.values()
+            if m.kind is Kind.LAYER_DIR
+            and m.ref == layer.ref
+            and m.digest in (layer.blob_digest, layer.toc_digest)
+        ]
 
     def layers(self) -> list[LayerLike]:
         return [e.layer for e in self._layers.values()]

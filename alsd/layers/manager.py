@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from alsd.config import LayerSettings
@@ -33,6 +33,8 @@ from alsd.errors import AlsdError, Transient, UnknownLayer
 from alsd.fetch.fetcher import ChunkStoreLike, Fetcher
 from alsd.fetch.scheduler import Scheduler
 from alsd.layers.images import ImageCatalog
+from alsd.layers.materialize import LayerDirs
+from alsd.layers.materializer import Materializer, SpaceLike
 from alsd.layers.model import Image, Layer, LayerStats
 from alsd.layers.ports import MetadataLike, RegistryLike
 from alsd.layers.prefetch import LayerTasks, Prefetcher
@@ -56,7 +58,13 @@ class LayerManager:
         settings: LayerSettings | None = None,
         *,
         profile_lookup: Lookup | None = None,
+        layer_dirs: LayerDirs | None = None,
+        space: SpaceLike | None = None,
+        link_prefix: str = "",
     ) -> None:
+        """``layer_dirs``, ``space`` (the chunk store's budget, shared with them) and
+        ``link_prefix``: where and how complete layers are materialised (used only with
+        ``settings.materialize``; see :mod:`alsd.layers.materializer`)."""
         self.settings = s = settings or LayerSettings()
         self._store = chunkstore
         self.scheduler = Scheduler(
@@ -113,6 +121,20 @@ class LayerManager:
         )  # fmt: skip
         self._drop_timers: dict[Layer, asyncio.TimerHandle] = {}
         self._closed = False
+        on = s.materialize and layer_dirs is not None and space is not None
+        self._materializer = Materializer(
+            chunkstore,
+            self.fetcher,
+            layer_dirs if on else None,
+            space if on else None,
+            link_prefix=link_prefix,
+        )
+        self._materializer.on_ready = self._materialized
+        self._prefetcher.on_complete = self._materializer.consider
+        self._reader.on_fetched = self._materializer.poke
+        # Called (on the event loop) for each layer in memory whose diff just became a
+        # symlink to its directory: the filesystem drops the kernel's cached entry.
+        self.on_materialized: Callable[[Layer], None] | None = None
 
     def _count_negative_hit(self) -> None:
         self.stats.negative_hits += 1
@@ -120,9 +142,11 @@ class LayerManager:
     # ================================================================ lifecycle
 
     async def load_state(self) -> None:
-        """Load persisted images; layers are loaded from metadata when first asked for."""
+        """Load persisted images (layers are loaded from metadata when first asked for)
+        and find the layers materialised by a previous run."""
         await self._images.load()
         await self.profiles.load()
+        await self._materializer.open()
 
     async def close(self) -> None:
         """Stop every task (resolutions, prefetch, background, read-ahead, fetches)."""
@@ -136,6 +160,7 @@ class LayerManager:
         for timer in self._drop_timers.values():
             timer.cancel()
         self._drop_timers.clear()
+        await self._materializer.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.profiles.close()
         await self.fetcher.close()
@@ -169,6 +194,8 @@ class LayerManager:
             raise
         if layer.use_count == 0:
             self._arm_drop(layer)
+        self._materializer.first_use(layer)
+        self._attach(layer)
         return layer
 
     def _image_started(self, img: Image) -> None:
@@ -179,8 +206,24 @@ class LayerManager:
         """A resolution finished: keep the layer and start its prefetch/background."""
         if self._closed or not self._resolver.keep(layer):
             return
+        self._attach(layer)
         self._prefetcher.start(layer)
         self._arm_drop(layer)
+        # After a restart every chunk may already be stored.
+        self._materializer.consider(layer)
+
+    def _attach(self, layer: Layer) -> None:
+        """Point a layer at its materialised directory, if it has one."""
+        if layer.diff_link is None:
+            layer.diff_link = self._materializer.link_for(layer)
+            layer.local_tree = self._materializer.tree(layer)
+
+    def _materialized(self, toc_digest: str) -> None:
+        for layer in self._resolver.layers():
+            if layer.index.toc_digest == toc_digest and layer.diff_link is None:
+                self._attach(layer)
+                if self.on_materialized is not None:
+                    self.on_materialized(layer)
 
     # ================================================================ use / release
 
@@ -219,6 +262,9 @@ class LayerManager:
         self._prefetcher.stop(layer)
         self._reader.forget(layer)
         self.profiles.layer_dropped(layer.image_digest, layer.blob_digest)
+        toc = layer.index.toc_digest
+        if not any(la.index.toc_digest == toc for la in self._resolver.layers()):
+            self._materializer.released(toc)
         log.debug("dropped %s from memory", layer.source.name)
 
     # ================================================================ reads
@@ -243,7 +289,10 @@ class LayerManager:
         except (AlsdError, OSError) as exc:
             store_stats = {"error": str(exc)}
         return {
-            "layers": [_layer_status(layer) for layer in self._resolver.layers()],
+            "layers": [
+                {**_layer_status(layer), **self._materializer.layer_status(layer)}
+                for layer in self._resolver.layers()
+            ],
             "images": self._images.refs(),
             "resolving": self._resolver.resolving() + self._images.resolving(),
             "negative_cache_entries": len(self._negative),
@@ -254,6 +303,11 @@ class LayerManager:
             "engine": self.stats.as_dict(),
             "registry": self.registry_counter.as_dict(),
             "profiles": dict(self.profiles.status()),
+            "materialize": {
+                **self._materializer.stats(),
+                "local_reads": self._reader.local_reads,
+                "local_read_errors": self._reader.local_read_errors,
+            },
         }
 
 

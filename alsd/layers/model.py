@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 from alsd.counters import ByteCounter
 from alsd.fetch.fetcher import BlobSource, ByteStats
@@ -86,6 +87,10 @@ class Layer:
     profile_entries: int = 0
     profile_chunks: int = 0
     profile_bytes: int = 0
+    # Once the layer is materialised (layers/materializer.py): the target of the symlink
+    # ``diff`` answers, and the directory its files are read from.
+    diff_link: str | None = None
+    local_tree: Path | None = None
 
     @property
     def format(self) -> str:

@@ -80,6 +80,8 @@ class Prefetcher:
         self._tasks = tasks
         self._settings = settings
         self._profiles = profiles
+        # Called when a layer's background fetch has stored every chunk it lacked.
+        self.on_complete: Callable[[Layer], None] | None = None
 
     def start(self, layer: Layer) -> None:
         """Start the landmark prefetch and the background fetch of a layer just adopted."""
@@ -242,6 +244,8 @@ class Prefetcher:
             log.warning("%s: background fetch failed: %s", layer.source.name, exc)
             return
         layer.background_state = BackgroundState.DONE
+        if self.on_complete is not None:
+            self.on_complete(layer)
 
     async def warm(
         self,

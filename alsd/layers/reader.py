@@ -16,9 +16,12 @@ and keep the last piece per layer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from alsd.config import LayerSettings
 from alsd.errors import AlsdError, FormatError, IntegrityError, RegistryError
@@ -56,6 +59,10 @@ class Reader:
         # The last piece of each layer's blob read (exports read in small pieces).
         self._blob_cache: dict[Layer, tuple[int, bytes]] = {}
         self.closed = False
+        # Called after a read had to fetch (the layer may be complete now).
+        self.on_fetched: Callable[[Layer], None] | None = None
+        self.local_reads = 0
+        self.local_read_errors = 0
 
     def forget(self, layer: Layer) -> None:
         self._blob_cache.pop(layer, None)
@@ -76,7 +83,11 @@ class Reader:
         self._stats.reads += 1
         t0 = time.monotonic()
         try:
-            out = await self._read_stored(layer, node, chunks, offset, end)
+            out = None
+            if layer.local_tree is not None:
+                out = await self._read_local(layer, layer.local_tree, node, offset, end)
+            if out is None:
+                out = await self._read_stored(layer, node, chunks, offset, end)
             if out is None:
                 with self._scheduler.demand():
                     fetch = self._fetcher.get_chunks(
@@ -87,6 +98,8 @@ class Reader:
                     self._read_ahead(layer, chunks)
                     got = await fetch
                 out = _assemble(layer, node, chunks, got, offset, end)
+                if self.on_fetched is not None:
+                    self.on_fetched(layer)
         except AlsdError:
             self._stats.read_errors += 1
             raise
@@ -137,6 +150,27 @@ class Reader:
             # The fetcher logged it; a later read fetches those chunks itself.
             self._stats.readahead_errors += 1
             log.debug("%s: read-ahead failed: %s", layer.source.name, exc)
+
+    async def _read_local(
+        self, layer: Layer, tree: Path, node: int, offset: int, end: int
+    ) -> bytes | None:
+        """``[offset, end)`` from the layer's materialised directory (a container started
+        before materialisation still reads through FUSE); None if that fails."""
+        path = tree / layer.index.path(node)
+        try:
+            data = await asyncio.to_thread(_pread_file, path, offset, end - offset)
+        except OSError as exc:
+            self.local_read_errors += 1
+            log.warning("%s: reading %s failed (%s); reading its chunks instead",
+                        layer.source.name, path, exc)  # fmt: skip
+            return None
+        if len(data) != end - offset:
+            self.local_read_errors += 1
+            log.warning("%s: %s is shorter than the TOC says; reading its chunks instead",
+                        layer.source.name, path)  # fmt: skip
+            return None
+        self.local_reads += 1
+        return data
 
     async def _read_stored(
         self, layer: Layer, node: int, chunks: Sequence[Chunk], offset: int, end: int
@@ -203,6 +237,23 @@ class Reader:
         layer.source.stats.bytes_fetched += len(body)
         self._blob_cache[layer] = (offset, body)
         return body[: end - offset]
+
+
+def _pread_file(path: Path, offset: int, size: int) -> bytes:
+    # The directory is alsd's own (0700 from state_dir down): O_NOFOLLOW is a last guard.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        parts: list[bytes] = []
+        got = 0
+        while got < size:
+            part = os.pread(fd, size - got, offset + got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def _assemble(

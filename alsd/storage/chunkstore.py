@@ -118,12 +118,8 @@ class ChunkStore:
         # Cheap O(1) form of the invariant; check_invariants() does the full O(n) check.
         assert self._total >= 0 and self._reserved >= 0, (self._total, self._reserved)
         assert self._outside >= 0, self._outside
-        assert self._total + self._reserved + self._outside <= self._max, (
-            self._total,
-            self._reserved,
-            self._outside,
-            self._max,
-        )
+        used = self._total + self._reserved + self._outside
+        assert used <= self._max, (self._total, self._reserved, self._outside, self._max)
 
     def _account_add(self, hx: str, size: int) -> None:
         assert hx not in self._lru, hx
@@ -171,38 +167,23 @@ class ChunkStore:
 
     async def hold_outside(self, size: int) -> bool:
         """Count ``size`` bytes kept outside the store (a materialised layer) against
-        ``max_bytes``, evicting chunks (LRU) to make room; False if room cannot be made
-        (nothing is held then). Give them back with :meth:`release_outside`."""
+        ``max_bytes``, evicting LRU chunks for room; False (nothing held) if impossible."""
         self._ensure_open()
-        if size < 0:
-            raise ValueError(f"size must be >= 0, got {size}")
         victims = self._reserve(size)
         if victims is None:
             return False
-        try:
-            if victims:
-                await asyncio.shield(self._spawn(self._evict(victims)))
-        finally:
-            self._reserved -= size
-            self._outside += size
-            self._check()
+        self._reserved -= size
+        self._outside += size
+        for hx in victims:  # out of the table and busy already; unlinked in a thread
+            self._spawn(self._unlink_later(hx))
         return True
 
-    async def _evict(self, victims: list[str]) -> None:
-        try:
-            await asyncio.to_thread(self._files.unlink_sync, victims)
-        finally:
-            for v in victims:
-                self._busy.pop(v).set()
-
     def release_outside(self, size: int) -> None:
-        """Bytes held with :meth:`hold_outside` are free again."""
-        self._outside -= size
+        self._outside -= size  # held with hold_outside
         self._check()
 
     def demote(self, digests: Iterable[str]) -> None:
-        """Make these chunks the first to be evicted (their content is kept elsewhere
-        now, e.g. a materialised layer). Chunks not stored are ignored."""
+        """These chunks go first when room is needed (kept elsewhere now)."""
         for digest in digests:
             hx = chunk_hex(digest)
             if hx is not None and hx in self._lru:

@@ -68,7 +68,8 @@ def format_status(doc: Mapping[str, Any]) -> str:
     layers = doc.get("layers") or []
     lines.append(f"layers      {len(layers)}")
     if layers:
-        header = ("REFERENCE", "DIGEST", "FORMAT", "USES", "FETCHED", "SERVED", "PREFETCH")
+        header = ("REFERENCE", "DIGEST", "FORMAT", "USES", "FETCHED", "SERVED", "PREFETCH",
+                  "LOCAL", "MATERIALIZED")  # fmt: skip
         rows = [
             (
                 str(la.get("ref", "")),
@@ -78,6 +79,8 @@ def format_status(doc: Mapping[str, Any]) -> str:
                 _human(la.get("bytes_fetched")),
                 _human(la.get("bytes_served")),
                 str(la.get("prefetch", "")),
+                _human(la.get("local_bytes")),
+                str(la.get("materialized", "-")),
             )
             for la in layers
         ]

@@ -84,6 +84,7 @@ class FakeLayer:
     layer_no: int
     info_old: bytes = b'{"old":1}'
     info_new: bytes = b'{"new":2}'
+    diff_link: str | None = None
 
 
 @pytest.fixture
@@ -135,6 +136,28 @@ def test_lookup_layout_and_generations(tree: Tree) -> None:
     other = FakeLayer(REF, "sha256:" + "e" * 64, "sha256:" + "f" * 64, _index(), layer_no=1)
     with pytest.raises(Exception, match="engine answered"):
         tree.lookup_in_layer_dir(old_dir, "diff", other)
+
+
+def test_materialised_diff_is_a_new_symlink_inode(tree: Tree) -> None:
+    """Once materialised, diff answers a symlink with its own inode number; the directory
+    inode of before stays valid (mounts of earlier containers hold it)."""
+    ref_ino = tree.lookup_ref(REF_NAME)
+    old_dir = tree.lookup_digest(ref_ino, BLOB)
+    new_dir = tree.lookup_digest(ref_ino, TOC)
+    layer = FakeLayer(REF, BLOB, TOC, _index(), layer_no=0)
+    diff_dir = tree.lookup_in_layer_dir(old_dir, "diff", layer)
+    assert tree.layer_dirs_of(layer) == [old_dir, new_dir]
+    layer.diff_link = "../../../state/layers/" + "a" * 64 + "/diff"
+    link = tree.lookup_in_layer_dir(new_dir, "diff", layer)
+    assert link != diff_dir
+    a = tree.attr(link)
+    assert stat.S_ISLNK(a.mode) and a.size == len(layer.diff_link) and a.nlink == 1
+    assert tree.resolve(link).kind is Kind.DIFF_LINK
+    assert dict(tree.readdir(new_dir))["diff"] == link
+    assert tree.resolve(diff_dir).kind is Kind.DIFF  # still served for earlier mounts
+    assert stat.S_ISDIR(tree.attr(diff_dir).mode)
+    other = FakeLayer("docker.io/library/other:1", BLOB, TOC, _index(), layer_no=1)
+    assert tree.layer_dirs_of(other) == []
 
 
 def test_missing_generation_info_is_enoent(tree: Tree) -> None:

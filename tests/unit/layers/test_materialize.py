@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from alsd.layers.materialize import LayerDirs, MaterializeError, layer_key
 from alsd.oci import formats
 from alsd.oci.estargz_writer import layer_annotations, write_estargz
 from alsd.oci.layer_index import Chunk, LayerIndex, normalize_name
-from alsd.layers.materialize import LayerDirs, MaterializeError, layer_key
 from tests.support.oci_layout import OciLayout
 from tests.unit.oci.test_formats_fixtures import LAZY_TAGS
 

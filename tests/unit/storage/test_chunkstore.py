@@ -214,21 +214,24 @@ async def test_bytes_held_outside_share_the_limit(tmp_path: Path) -> None:
         assert await s.put(dg(x), x)
     s.demote([dg(c), "sha256:" + "0" * 64, "junk"])  # c first, unknown ones ignored
     assert await s.hold_outside(1500)  # two chunks must go: c (demoted), then a (LRU)
-    assert not s.has(dg(c)) and not s.path_for(dg(c)).exists()
-    assert not s.has(dg(a)) and s.has(dg(b)) and s.has(dg(d))
+    assert not s.has(dg(c)) and not s.has(dg(a)) and s.has(dg(b)) and s.has(dg(d))
+    for _ in range(500):  # their files are unlinked in a worker thread
+        if not s.path_for(dg(c)).exists() and not s.path_for(dg(a)).exists():
+            break
+        await asyncio.sleep(0.01)
     assert s.stats()["outside_bytes"] == 1500
     assert s.stats()["evictions"] == 2
     assert_consistent(s)
     # Puts now fit in what is left: 4000 - 1500 = 2500, two chunks.
-    assert await s.put(dg(a), a)
+    assert await s.put(dg(a), a)  # waits until the old file of a is gone
     assert not s.has(dg(b))
     assert await s.hold_outside(2501) is False
     assert s.has(dg(a)) and s.has(dg(d))  # a refused hold evicts nothing
     s.release_outside(1500)
     assert s.stats()["outside_bytes"] == 0
     assert await s.hold_outside(2000)
+    await s.close()  # waits for the unlinks
     assert_consistent(s)
-    await s.close()
 
 
 async def test_pinned_chunk_is_never_evicted(tmp_path: Path) -> None:
