@@ -21,10 +21,12 @@ counts are not persisted), so it stays until its layer is used and released agai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -64,6 +66,8 @@ class SpaceLike(Protocol):
     def release_outside(self, size: int) -> None: ...
 
     def demote(self, digests: Iterable[str]) -> None: ...
+
+    def pinned(self, digest: str) -> AbstractContextManager[None]: ...
 
 
 @dataclass
@@ -227,12 +231,8 @@ class Materializer:
         e = self._entries.get(layer.index.toc_digest)
         if e is not None and e.record is not None and e.state is MaterializeState.YES:
             return e.record.file_bytes
-        seen: set[str] = set()
         n = 0
         for _, c in _chunks(layer.index):
-            if c.digest in seen:
-                continue
-            seen.add(c.digest)
             if c.zeros or self._store.has(c.digest):
                 n += c.size
         return n
@@ -284,7 +284,10 @@ class Materializer:
         dirs = self.dirs
         assert dirs is not None
         toc = layer.index.toc_digest
-        async with self._sem:
+        async with self._sem, contextlib.AsyncExitStack() as pins:
+            # The layer's own chunks are the extraction's source: room is made elsewhere.
+            for digest in {c.digest for _, c in _chunks(layer.index) if not c.zeros}:
+                pins.enter_context(self._budget.pinned(digest))
             want = sum(
                 layer.index.attr(n).size
                 for n in range(layer.index.node_count())

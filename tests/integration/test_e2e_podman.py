@@ -885,7 +885,11 @@ def test_profile_recorded_pushed_and_prefetched_on_a_fresh_host(
 
 # Background fetch on (the default), so that alsd holds every chunk soon after the pull
 # and materialises the layers (developer-notes/materialize.md).
-MATERIALIZE_SETTINGS: dict[str, Any] = {**ALSD_SETTINGS, "prefetch.background": True}
+MATERIALIZE_SETTINGS: dict[str, Any] = {
+    **ALSD_SETTINGS,
+    "prefetch.background": True,
+    "layers.materialize": True,
+}
 # podman's own entries in a container's upper directory (made at create or start), and
 # the directories it writes them into (their mtimes are podman's, not the image's).
 PODMAN_MADE = {"etc/hosts", "etc/hostname", "etc/resolv.conf", "run/.containerenv"}

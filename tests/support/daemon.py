@@ -72,6 +72,9 @@ def write_config(
         "control.socket": str(control_socket),
         # Tests compare what they read, not what a background fetch did meanwhile.
         "prefetch.background": False,
+        # ... and what the FUSE tree serves: a layer read whole would otherwise be
+        # materialised and its diff become a symlink (tests of that turn it on).
+        "layers.materialize": False,
         "layers.negative_cache_ttl_s": 1.0,
     }
     if registries_conf is not None:
