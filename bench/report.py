@@ -476,6 +476,11 @@ def write_report(b: Bench, out_dir: Path) -> Path:
             "`python -m bench.index_memory 100000` (a parsed LayerIndex alone):", "",
             "```", str(rs.get("index_memory", "")).strip(), "```", "",
         ]  # fmt: skip
+    mat = b.sections.get("materialized")
+    if mat:
+        from bench.materialized import report as materialized_report
+
+        L += materialized_report(mat)
     L += [
         "## Notes",
         "",

@@ -874,6 +874,11 @@ class Bench:
             if "restart" in a.sections:
                 log("restart and memory")
                 self.restart_memory()
+            if "materialized" in a.sections:
+                from bench.materialized import run_materialized
+
+                log("materialized")
+                self.sections["materialized"] = run_materialized(self, workloads)
             if "faults" in a.sections:
                 from bench.faults import run_faults
 
@@ -908,7 +913,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--sections",
         default="read,metadata,restart",
-        help="comma list of extra sections: read,metadata,restart,faults",
+        help="comma list of extra sections: read,metadata,restart,materialized,faults",
     )
     p.add_argument(
         "--fault-reps", type=int, default=3,
