@@ -148,4 +148,5 @@ async def open_parts(cfg: Config, stack: AsyncExitStack) -> DaemonParts:
     # podman lookup from hanging if it does not.
     ops = Operations(tree, manager, resolve_timeout_s=cfg.fetch.resolve_timeout_s + 5.0)
     manager.on_materialized = ops.invalidate_diff
+    manager.on_unmaterialized = ops.invalidate_toc
     return DaemonParts(credentials, registry, manager, ops)

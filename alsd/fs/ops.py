@@ -180,6 +180,13 @@ class Operations(pyfuse3.Operations):
             )
         self.stats.invalidations += 1
 
+    def invalidate_toc(self, toc_digest: str) -> None:
+        """The local directory of layers with this TOC digest was removed: make the
+        kernel forget the ``diff`` entries (symlinks to it) of the layers it may cache."""
+        for layer in self.tree.layers():
+            if layer.index.toc_digest == toc_digest:
+                self.invalidate_diff(layer)
+
     # -- helpers ------------------------------------------------------------------------
     def _entry(self, ino: int) -> pyfuse3.EntryAttributes:
         a = self.tree.attr(ino)

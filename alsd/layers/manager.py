@@ -130,11 +130,14 @@ class LayerManager:
             link_prefix=link_prefix,
         )
         self._materializer.on_ready = self._materialized
+        self._materializer.on_removed = self._unmaterialized
         self._prefetcher.on_complete = self._materializer.consider
         self._reader.on_fetched = self._materializer.poke
         # Called (on the event loop) for each layer in memory whose diff just became a
-        # symlink to its directory: the filesystem drops the kernel's cached entry.
+        # symlink to its directory, and with the TOC digest of a layer whose directory was
+        # removed (none in memory then): the filesystem drops the kernel's cached entries.
         self.on_materialized: Callable[[Layer], None] | None = None
+        self.on_unmaterialized: Callable[[str], None] | None = None
 
     def _count_negative_hit(self) -> None:
         self.stats.negative_hits += 1
@@ -217,6 +220,10 @@ class LayerManager:
         if layer.diff_link is None:
             layer.diff_link = self._materializer.link_for(layer)
             layer.local_tree = self._materializer.tree(layer)
+
+    def _unmaterialized(self, toc_digest: str) -> None:
+        if self.on_unmaterialized is not None:
+            self.on_unmaterialized(toc_digest)
 
     def _materialized(self, toc_digest: str) -> None:
         for layer in self._resolver.layers():

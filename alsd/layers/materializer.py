@@ -131,8 +131,10 @@ class Materializer:
         self._sem = asyncio.Semaphore(1)
         self._last_poke: dict[str, float] = {}
         self._closed = False
-        # Called on the event loop for every layer in memory that just got a directory.
+        # Called on the event loop with the TOC digest of a layer that just got its
+        # directory, and of one whose directory was just removed.
         self.on_ready: Callable[[str], None] | None = None
+        self.on_removed: Callable[[str], None] | None = None
         self.built = 0
         self.removed = 0
         self.failed = 0
@@ -337,6 +339,8 @@ class Materializer:
             if e.record is not None and e.counted:
                 self._budget.release_outside(e.record.file_bytes)
             log.info("removed materialised layer %s to make room", victim)
+            if self.on_removed is not None:
+                self.on_removed(victim)
         return True
 
     def _victim(self, keep: str) -> str | None:

@@ -73,6 +73,7 @@ class Setup:
         self.root = root
         self.meta = FakeMetadata()
         self.invalidated: list[Layer] = []
+        self.removed: list[str] = []
 
     async def manager(self, **kw: object) -> LayerManager:
         m = LayerManager(
@@ -85,6 +86,7 @@ class Setup:
             link_prefix=PREFIX,
         )
         m.on_materialized = self.invalidated.append
+        m.on_unmaterialized = self.removed.append
         await m.load_state()
         return m
 
@@ -240,6 +242,7 @@ async def test_a_released_layer_s_directory_goes_first_when_room_is_needed(
         assert st["bytes"] + st["outside_bytes"] <= 700_000
         assert st["outside_bytes"] == 100_000 + 200_000
         assert m.status()["materialize"]["removed"] == 1
+        assert s.removed == [gone.index.toc_digest]  # its cached diff entries go too
     finally:
         await m.close()
         await store.close()
