@@ -54,12 +54,20 @@ def _podman_unavailable() -> str | None:
     return _fuse_unavailable() or _registry_unavailable()
 
 
+def _crio_unavailable() -> str | None:
+    from tests.support.crio import crio_unavailable  # imports this module: not at the top
+
+    return _fuse_unavailable() or _registry_unavailable() or crio_unavailable()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     checks = {
         "fuse": _fuse_unavailable(),
         "registry": _registry_unavailable(),
         "podman": _podman_unavailable(),
     }
+    if any(item.get_closest_marker("crio") for item in items):
+        checks["crio"] = _crio_unavailable()
     for item in items:
         for marker, reason in checks.items():
             if reason and item.get_closest_marker(marker):
