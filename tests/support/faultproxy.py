@@ -62,6 +62,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     rule: str | None  # the fault applied, if any
+    status: int | None = None  # the status answered (None until answered)
 
 
 @dataclass
@@ -281,23 +282,26 @@ class FaultProxy:
             data = await up.read()
             out: dict[str, str] = {}
             for k, v in up.headers.items():
-                if k.lower() not in _HOP_BY_HOP:
+                # A HEAD answer keeps the upstream's Content-Length: it is the blob's size.
+                keep = request.method == "HEAD" and k.lower() == "content-length"
+                if k.lower() not in _HOP_BY_HOP or keep:
                     # WWW-Authenticate may repeat; joining keeps it parsable (RFC 9110 §5.3).
                     out[k] = f"{out[k]}, {v}" if k in out else v
             return up.status, out, data
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         rule = self._take_rule(request)
-        self.requests.append(
-            Recorded(
-                request.method,
-                request.path_qs,
-                dict(request.headers),
-                rule.kind if rule else None,
-            )
+        rec = Recorded(
+            request.method, request.path_qs, dict(request.headers), rule.kind if rule else None
         )
+        self.requests.append(rec)
         if rule is not None:
             self.injected[rule.kind] += 1
+        resp = await self._answer(request, rule)
+        rec.status = resp.status
+        return resp
+
+    async def _answer(self, request: web.Request, rule: _Rule | None) -> web.StreamResponse:
         if rule is None:
             return await self._send(request, *await self._forward(request))
         handlers: dict[str, Callable[[web.Request, _Rule], Awaitable[web.StreamResponse]]] = {

@@ -319,8 +319,12 @@ def start_registry(
     password: str = "s3cret pass",
     allow_anonymous: bool = True,
     token_expires_in_s: int | None = 300,
+    proxy_remote_url: str | None = None,
 ) -> RegistryServer:
-    """Start a registry under ``workdir`` (which must exist and be empty)."""
+    """Start a registry under ``workdir`` (which must exist and be empty).
+
+    ``proxy_remote_url`` makes it a pull-through cache of that registry (distribution's
+    ``proxy: remoteurl:``; it then refuses pushes)."""
     if shutil.which("docker-registry") is None:
         pytest.skip("docker-registry not installed")
     port = free_port()
@@ -361,6 +365,8 @@ def start_registry(
         ]
     elif auth is not None:
         raise ValueError(f"unknown auth {auth!r}")
+    if proxy_remote_url is not None:
+        config += ["proxy:", f"  remoteurl: {json.dumps(proxy_remote_url)}"]
     cfg = workdir / "config.yml"
     cfg.write_text("\n".join(config) + "\n")
     log = (workdir / "registry.log").open("wb")
