@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,6 +88,14 @@ def toc_digests(registry: RegistryServer, tag: str) -> list[str | None]:
     return keys
 
 
+def dropin_for(crio_factory: CrioFactory, alsd: AlsdProcess) -> str:
+    """contrib's drop-in, naming the test's store as crio sees it (crio runs in a chroot on
+    Debian 12)."""
+    dropin = DROPIN.read_text()
+    assert DEFAULT_MOUNTPOINT in dropin
+    return dropin.replace(DEFAULT_MOUNTPOINT, crio_factory.path(alsd.mountpoint))
+
+
 @pytest.fixture(scope="module")
 def stack(
     crio_factory: CrioFactory,
@@ -110,13 +120,9 @@ def stack(
     with running_alsd(
         work / "alsd", registries_conf=regconf, auth_file=auth, settings=settings
     ) as alsd:
-        dropin = DROPIN.read_text()
-        assert DEFAULT_MOUNTPOINT in dropin
-        # The store as crio sees it (crio runs in a chroot on Debian 12).
-        dropin = dropin.replace(DEFAULT_MOUNTPOINT, crio_factory.path(alsd.mountpoint))
         crio = crio_factory(
             work,
-            dropins={DROPIN.name: dropin},
+            dropins={DROPIN.name: dropin_for(crio_factory, alsd)},
             global_auth_file=auth,
             registries=(registry.address, registry_htpasswd.address),
         )
@@ -185,3 +191,47 @@ def test_crio_auth_file_reaches_alsd(stack: Stack) -> None:
     assert stack.crio.run_container(ref).strip() == EXPECTED
     stack.crio.crictl("rmi", ref)
     assert all(la["use_count"] == 0 for la in stack.served(ref))
+
+
+def test_pull_secret_reaches_alsd_through_the_auth_helper(
+    crio_factory: CrioFactory, registry_htpasswd: RegistryServer, fixtures: Path
+) -> None:
+    """Credentials that come with the pull (crictl --creds, as the kubelet passes a pull
+    secret) and are in no file: containers/image in CRI-O hands them to registries.conf's
+    ``additional-layer-store-auth-helper``, ``alsd auth-helper`` forwards them to alsd,
+    which has no other credentials for this registry."""
+    ref = registry_htpasswd.push_fixture("esgz")
+    work = crio_factory.workdir()
+    empty = work / "alsd-auth.json"
+    empty.write_text('{"auths": {}}')
+    regconf = work / "alsd-registries.conf"
+    registry_htpasswd.write_registries_conf(regconf)
+    with running_alsd(work / "alsd", registries_conf=regconf, auth_file=empty) as alsd:
+        # The helper runs where crio runs: in the chroot, on its Python with Debian's
+        # packages of alsd's dependencies (.ci/build-chroot) and a copy of alsd.
+        if crio_factory.chroot is None:
+            python, pythonpath = sys.executable, str(REPO)
+        else:
+            shutil.copytree(REPO / "alsd", work / "src" / "alsd")
+            python, pythonpath = "python3", crio_factory.path(work / "src")
+        helper = work / "auth-helper"
+        helper.write_text(
+            "#!/bin/sh\n"
+            f"PYTHONPATH={pythonpath} exec {python} -m alsd auth-helper "
+            f"--socket {crio_factory.path(alsd.control_socket)}\n"
+        )
+        helper.chmod(0o755)
+        crio = crio_factory(
+            work,
+            dropins={DROPIN.name: dropin_for(crio_factory, alsd)},
+            registries=(registry_htpasswd.address,),
+            auth_helper=crio_factory.path(helper),
+        )
+        user = f"{registry_htpasswd.username}:{registry_htpasswd.password}"
+        crio.crictl("pull", "--creds", user, ref)
+        stack = Stack(crio, alsd, registry_htpasswd, registry_htpasswd)
+        assert len(stack.links(ref)) == 2, alsd.log_tail()
+        assert all(la["use_count"] >= 1 for la in stack.served(ref))
+        assert crio.run_container(ref).strip() == EXPECTED
+        crio.crictl("rmi", ref)
+        crio.stop()

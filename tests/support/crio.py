@@ -19,7 +19,8 @@ static and runs on the host against crio's socket.
 
 Fixture ``crio_factory`` (``pytest_plugins = ["tests.support.crio"]``):
 ``crio_factory.workdir()`` is a fresh directory crio can see (mount alsd under it);
-``crio_factory(workdir, dropins={name: text}, global_auth_file=None)`` writes the
+``crio_factory(workdir, dropins={name: text}, global_auth_file=None, registries=(),
+auth_helper=None)`` writes the
 configs, imports a stand-in pause image, starts crio and returns a :class:`Crio`. Every
 crio it started is stopped at the end of the test (pods removed, crio SIGTERMed, mounts
 under its state unmounted, its cgroups removed, the directory deleted).
@@ -214,6 +215,7 @@ class Crio:
         dropins: Mapping[str, str],
         global_auth_file: Path | None,
         registries: tuple[str, ...],
+        auth_helper: str | None = None,
     ) -> None:
         d = self.path(self.dir)
         for sub in ("bin", "run", "state", "cni", "crio.conf.d", "registries.conf.d", "logs"):
@@ -235,6 +237,8 @@ class Crio:
             '{"cniVersion": "1.0.0", "name": "lo", "plugins": [{"type": "loopback"}]}\n'
         )
         reg = ["unqualified-search-registries = []"]
+        if auth_helper is not None:
+            reg.append(f"additional-layer-store-auth-helper = {_toml_str(auth_helper)}")
         for loc in dict.fromkeys(["127.0.0.1", "localhost", *registries]):
             reg += ["", "[[registry]]", f"location = {_toml_str(loc)}", "insecure = true"]
         (self.dir / "registries.conf").write_text("\n".join(reg) + "\n")
@@ -422,10 +426,13 @@ class CrioFactory:
         dropins: Mapping[str, str],
         global_auth_file: Path | None = None,
         registries: tuple[str, ...] = (),
+        auth_helper: str | None = None,
     ) -> Crio:
+        """``auth_helper``: registries.conf's ``additional-layer-store-auth-helper``, a
+        program as crio sees it."""
         c = Crio(workdir / "crio", self.chroot)
         self._crios.append(c)
-        c.setup(dropins, global_auth_file, registries)
+        c.setup(dropins, global_auth_file, registries, auth_helper)
         c.start()
         return c
 
