@@ -417,6 +417,10 @@ class RegistrySettings:
     max_config_bytes: int = 16 << 20
     blob_segment_bytes: int = 8 << 20  # read_blob fetches this much per request
     user_agent: str = "alsd"
+    # A blob sent whole for a range request (a pull-through cache still filling) is kept
+    # for the next reads of it: up to this many bytes in all, for this long.
+    whole_blob_keep_bytes: int = 64 << 20
+    whole_blob_keep_s: float = 300.0
 
 
 def layer_settings(cfg: Config) -> LayerSettings:

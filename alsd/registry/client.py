@@ -57,11 +57,11 @@ from alsd.registry.authfile import CredentialSource
 from alsd.registry.authorizer import Authorizer
 from alsd.registry.regconf import Endpoint, RegistriesConf
 from alsd.registry.transport import Attempt, Transport
+from alsd.registry.wholeblobs import WholeBlobs
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +98,10 @@ class RegistryClient:
         self.authorizer = Authorizer(self.transport, credentials)
         self.transport.auth = self.authorizer
         self._preferred: dict[str, Endpoint] = {}  # ref.name -> endpoint that served it
+        # Whole blobs sent for a range request (a pull-through cache still filling).
+        self._whole = WholeBlobs(
+            self.settings.whole_blob_keep_bytes, self.settings.whole_blob_keep_s
+        )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -141,6 +145,9 @@ class RegistryClient:
         check_ranges(ranges)
         if not ranges:
             return []
+        whole = self._whole.get(digest)
+        if whole is not None and max(end for _, end in ranges) <= len(whole):
+            return slice_ranges([(0, whole)], ranges)
         r = _as_ref(ref)
         att = self.transport.attempt()
         return await self._over_endpoints(
@@ -359,10 +366,17 @@ class RegistryClient:
         else:
             n = self.settings.max_ranges_per_request
             groups = [merged[i : i + n] for i in range(0, len(merged), n)]
-        results = await asyncio.gather(
-            *(self._fetch_group(ep, ref, digest, g, counter, att) for g in groups)
-        )
-        parts = [p for r in results for p in r]
+        parts = await self._fetch_group(ep, ref, digest, groups[0], counter, att)
+        if len(groups) > 1:
+            # After the first group: a server that answered it with the whole blob would
+            # answer every other group with it again.
+            whole = self._whole.get(digest)
+            if whole is not None:
+                return slice_ranges([(0, whole)], ranges)
+            results = await asyncio.gather(
+                *(self._fetch_group(ep, ref, digest, g, counter, att) for g in groups[1:])
+            )
+            parts += [p for r in results for p in r]
         return slice_ranges(parts, ranges)
 
     async def _fetch_group(
@@ -395,8 +409,17 @@ class RegistryClient:
                     )
                 return [(cr.start, body)]
             if resp.status == 200:
-                # The registry ignored Range: the whole blob is the answer.
-                return [(0, await self.transport.read_body(resp, counter, None, ref, ep))]
+                # The server ignored Range: the whole blob is the answer (a pull-through
+                # cache does this until it has the blob). Take the ranges from it and keep
+                # it for the next reads of this blob (alsd.registry.wholeblobs).
+                body = await self.transport.read_body(resp, counter, None, ref, ep)
+                if self._whole.put(digest, body):
+                    log.info(
+                        "%s answered a range request for %s with the whole blob (%d bytes): "
+                        "reads of it are served from that copy for %gs",
+                        ep.host, digest, len(body), self._whole.keep_s,
+                    )  # fmt: skip
+                return [(0, body)]
             if resp.status == 400 and len(group) > 1:
                 await self.transport.drain(resp, counter)
                 raise _SwitchToSingleRange
