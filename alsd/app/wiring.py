@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from alsd.config import Config, registry_settings
 from alsd.oci.manifest import Platform, host_platform
+from alsd.registry import proxyenv
 from alsd.registry.authfile import CredentialStore
 from alsd.registry.client import RegistryClient
 from alsd.registry.regconf import load_registries_conf
@@ -74,6 +75,8 @@ def registry_client(
         registries=load_registries_conf(cfg.registry.registries_conf),
         credentials=credentials if credentials is not None else credential_store(cfg, cli_env),
         platform=platform or host_platform(),
+        # HTTPS_PROXY, HTTP_PROXY, NO_PROXY, as podman reads them.
+        proxies=proxyenv.load(os.environ if cli_env is None else cli_env),
     )
 
 

@@ -7,7 +7,8 @@ verified). Each public call tries the endpoints in registries.conf order (mirror
 the registry; a blob read prefers the endpoint that served the manifest) and has one
 deadline and retry budget for all its requests. It knows nothing of FUSE. Everything it
 needs comes through the constructor: settings, the registries.conf view (mirrors,
-insecure, blocked) and a credential source — no global state.
+insecure, blocked), a credential source and the proxies (:mod:`alsd.registry.proxyenv`,
+from the environment) — no global state.
 
 HTTP (auth, redirects, retries, deadline, bounded bodies, error mapping) is
 :mod:`alsd.registry.transport`; authentication is :mod:`alsd.registry.authorizer`. Every
@@ -55,6 +56,7 @@ from alsd.oci.ranges import (
 from alsd.oci.reference import Reference, parse_reference
 from alsd.registry.authfile import CredentialSource
 from alsd.registry.authorizer import Authorizer
+from alsd.registry.proxyenv import ProxyConfig
 from alsd.registry.regconf import Endpoint, RegistriesConf
 from alsd.registry.transport import Attempt, Transport
 from alsd.registry.wholeblobs import WholeBlobs
@@ -90,11 +92,12 @@ class RegistryClient:
         registries: RegistriesConf | None = None,
         credentials: CredentialSource | None = None,
         platform: Platform | None = None,
+        proxies: ProxyConfig | None = None,
     ) -> None:
         self.settings = settings or RegistrySettings()
         self.registries = registries or RegistriesConf()
         self.platform = platform
-        self.transport = Transport(self.settings)
+        self.transport = Transport(self.settings, proxies=proxies)
         self.authorizer = Authorizer(self.transport, credentials)
         self.transport.auth = self.authorizer
         self._preferred: dict[str, Endpoint] = {}  # ref.name -> endpoint that served it

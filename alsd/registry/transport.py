@@ -13,6 +13,8 @@
   backoff and jitter (``Retry-After`` honoured), bounded by ``max_retries`` and by the
   deadline of the public call (:class:`Attempt`, shared by all its requests);
 * bounds concurrent requests per host (a semaphore per host);
+* goes through the HTTP(S) proxy the environment names for the URL
+  (:mod:`alsd.registry.proxyenv`; CONNECT for https://, absolute-form for http://);
 * hands the final response to the caller's ``handler``, which reads the body with
   :meth:`read_body` (bounded, counted) and maps a bad status with :meth:`raise_status`.
 
@@ -43,6 +45,7 @@ from alsd.counters import ByteCounter
 from alsd.errors import AlsdError, NotFound, RegistryError, Transient, Unauthorized
 from alsd.oci.auth import repository_scope
 from alsd.oci.reference import Reference
+from alsd.registry.proxyenv import ProxyConfig
 from alsd.registry.regconf import Endpoint
 
 log = logging.getLogger("alsd.registry")
@@ -121,9 +124,16 @@ def error_detail(body: bytes) -> str:
 class Transport:
     """See the module docstring. ``auth`` may be set after construction (it uses us)."""
 
-    def __init__(self, settings: RegistrySettings, auth: AuthSource | None = None) -> None:
+    def __init__(
+        self,
+        settings: RegistrySettings,
+        auth: AuthSource | None = None,
+        *,
+        proxies: ProxyConfig | None = None,
+    ) -> None:
         self.settings = settings
         self.auth = auth
+        self.proxies = proxies or ProxyConfig()
         self._session: aiohttp.ClientSession | None = None
         self._hosts: dict[str, _HostState] = {}
         self._blob_urls: dict[tuple[str, str, str], str] = {}
@@ -225,20 +235,26 @@ class Transport:
             )
             err: Transient
             try:
+                proxy = self.proxies.proxy_for(str(tgt))
+                proxy_auth = None
+                if proxy is not None and proxy.username is not None:
+                    proxy_auth = aiohttp.BasicAuth(proxy.username, proxy.password or "")
                 async with self._host(where).sem:
                     if counter is not None:
                         counter.add_request()
                     t_sent = loop.time()
                     async with self._session_for_request().request(
-                        method, tgt, headers=h, data=data, allow_redirects=False, timeout=timeout
-                    ) as resp:
+                        method, tgt, headers=h, data=data, allow_redirects=False, timeout=timeout,
+                        proxy=proxy.url if proxy else None, proxy_auth=proxy_auth,
+                    ) as resp:  # fmt: skip
                         status = resp.status
                         log.debug(
-                            "%s %s%s%s -> %d after %.0f ms",
+                            "%s %s%s%s%s -> %d after %.0f ms",
                             method,
                             where,
                             tgt.path,
                             f" [{h['Range']}]" if "Range" in h else "",
+                            f" via {proxy.url}" if proxy else "",
                             status,
                             (loop.time() - t_sent) * 1000,
                         )
