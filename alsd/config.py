@@ -61,6 +61,30 @@ def _mountpoint(v: Any) -> str | None:
     return None
 
 
+def parse_host_port(v: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` (``"[v6]:PORT"`` for IPv6) -> (host, port); ValueError otherwise."""
+    host, sep, port = v.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host or ":" not in host:
+            raise ValueError(v)
+    elif not host or ":" in host or "[" in host or "]" in host:
+        raise ValueError(v)
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(v)
+    return host, int(port)
+
+
+def _optional_host_port(v: Any) -> str | None:
+    if v is None:
+        return None
+    try:
+        parse_host_port(v)
+    except ValueError:
+        return 'HOST:PORT with a port from 1 to 65535 (for example "127.0.0.1:9464")'
+    return None
+
+
 @dataclass(frozen=True)
 class ControlConfig:
     socket: str = _setting(
@@ -68,6 +92,13 @@ class ControlConfig:
         "unix socket of the control API (GET /status, GET /metrics, POST /credentials); "
         "created with mode 0600",
         _absolute_path,
+    )
+    metrics_address: str | None = _setting(
+        None,
+        "HOST:PORT of a TCP listener serving only GET /metrics (Prometheus text format) "
+        "for a Prometheus server to scrape; off when unset. The control API stays on the "
+        "unix socket",
+        _optional_host_port,
     )
 
 

@@ -5,7 +5,8 @@
 - ``GET /status``: JSON: the engine's status (layers with reference, digest, format, use
   count, bytes fetched and served, prefetch state; chunk store use), the FUSE request
   counters, uptime and mountpoint;
-- ``GET /metrics``: the same numbers in the Prometheus text format;
+- ``GET /metrics``: the same numbers in the Prometheus text format (also served alone over
+  TCP by :func:`serve_metrics` when ``[control] metrics_address`` is set, for Prometheus);
 - ``POST /credentials``: the JSON podman's ``additional-layer-store-auth-helper`` receives
   on stdin (``{"<image ref>": {"username", "password", "identityToken"}}``), kept in
   memory only.
@@ -23,17 +24,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from alsd.config import parse_host_port
 from alsd.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 MAX_CREDENTIALS_BYTES = 1 << 20
@@ -203,6 +208,48 @@ def _bind_private_socket(path: str) -> socket.socket:
     return sock
 
 
+def _metrics_handler(
+    engine: StatusSource, ops: Any, started_at: float, mountpoint: str
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def get_metrics(request: web.Request) -> web.Response:
+        doc = status_document(engine, ops, started_at=started_at, mountpoint=mountpoint)
+        return web.Response(
+            body=metrics_text(doc).encode(), headers={"Content-Type": CONTENT_TYPE_METRICS}
+        )
+
+    return get_metrics
+
+
+@contextlib.asynccontextmanager
+async def serve_metrics(
+    address: str,
+    *,
+    engine: StatusSource,
+    ops: Any,
+    started_at: float,
+    mountpoint: str,
+) -> AsyncIterator[None]:
+    """Serve ``GET /metrics`` alone on TCP ``address`` ("HOST:PORT") until the context exits;
+    every other path is 404 (the control API and credentials stay on the unix socket)."""
+    host, port = parse_host_port(address)
+    app = web.Application()
+    app.router.add_get("/metrics", _metrics_handler(engine, ops, started_at, mountpoint))
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"control.metrics_address: cannot listen on {address}: {exc.strerror or exc}"
+            ) from None
+        log.info("serving /metrics on http://%s/metrics", address)
+        yield
+    finally:
+        await runner.cleanup()
+
+
 @contextlib.asynccontextmanager
 async def serve(
     path: str,
@@ -219,11 +266,7 @@ async def serve(
         doc = status_document(engine, ops, started_at=started_at, mountpoint=mountpoint)
         return web.json_response(doc, dumps=lambda o: json.dumps(o, default=str))
 
-    async def get_metrics(request: web.Request) -> web.Response:
-        doc = status_document(engine, ops, started_at=started_at, mountpoint=mountpoint)
-        return web.Response(
-            body=metrics_text(doc).encode(), headers={"Content-Type": CONTENT_TYPE_METRICS}
-        )
+    get_metrics = _metrics_handler(engine, ops, started_at, mountpoint)
 
     async def post_credentials(request: web.Request) -> web.Response:
         body = await request.read()

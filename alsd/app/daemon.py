@@ -110,6 +110,16 @@ async def run(cfg: Config) -> int:
                 mountpoint=cfg.mountpoint,
             )
         )
+        if cfg.control.metrics_address is not None:
+            await stack.enter_async_context(
+                control.serve_metrics(
+                    cfg.control.metrics_address,
+                    engine=manager,
+                    ops=ops,
+                    started_at=started,
+                    mountpoint=cfg.mountpoint,
+                )
+            )
 
         def on_signal(signum: int) -> None:
             log.info("%s: stopping", signal.Signals(signum).name)

@@ -141,3 +141,29 @@ def test_layer_settings_mapping() -> None:
     for unused in ("state_dir", "cache_max_bytes", "request_timeout_s", "max_retries"):
         assert not hasattr(s, unused)
     assert s.prefetch_background is True
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [("127.0.0.1:9464", ("127.0.0.1", 9464)), ("[::1]:9464", ("::1", 9464)),
+     ("metrics.example:65535", ("metrics.example", 65535)), ("0.0.0.0:1", ("0.0.0.0", 1))],
+)  # fmt: skip
+def test_metrics_address(tmp_path: Path, value: str, parsed: tuple[str, int]) -> None:
+    cfg = config.load(_write(tmp_path, f'[control]\nmetrics_address = "{value}"\n'))
+    assert cfg.control.metrics_address == value
+    assert config.parse_host_port(value) == parsed
+
+
+def test_metrics_address_is_off_by_default() -> None:
+    assert Config().control.metrics_address is None
+
+
+@pytest.mark.parametrize(
+    "value", ['"9464"', '"127.0.0.1"', '"127.0.0.1:0"', '"127.0.0.1:65536"', '"::1:9464"',
+              '"[::1:9464"', '"[]:9464"', '"host:port"', '""', "9464"],
+)  # fmt: skip
+def test_bad_metrics_address_names_key_and_file(tmp_path: Path, value: str) -> None:
+    path = _write(tmp_path, f"[control]\nmetrics_address = {value}\n")
+    with pytest.raises(ConfigError) as exc:
+        config.load(path)
+    assert str(exc.value).startswith(f"{path}: 'control.metrics_address' must be ")
