@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -218,6 +219,7 @@ class RegistryServer:
     password: str = ""
     token_server: TokenServer | None = None
     host: str = "127.0.0.1"
+    scheme: str = "http"
     _pushed: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
@@ -226,7 +228,7 @@ class RegistryServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{self.scheme}://{self.address}"
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -296,7 +298,9 @@ def _wait_ready(server: RegistryServer) -> None:
                 f"docker-registry exited with {server.proc.returncode}:\n{server.log_tail()}"
             )
         try:
-            with urllib.request.urlopen(server.url + "/v2/", timeout=2) as resp:
+            # A TLS registry's certificate names another host: readiness only.
+            ctx = ssl._create_unverified_context() if server.scheme == "https" else None
+            with urllib.request.urlopen(server.url + "/v2/", timeout=2, context=ctx) as resp:
                 if resp.status == 200:
                     return
         except urllib.error.HTTPError as exc:
@@ -320,11 +324,13 @@ def start_registry(
     allow_anonymous: bool = True,
     token_expires_in_s: int | None = 300,
     proxy_remote_url: str | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> RegistryServer:
     """Start a registry under ``workdir`` (which must exist and be empty).
 
     ``proxy_remote_url`` makes it a pull-through cache of that registry (distribution's
-    ``proxy: remoteurl:``; it then refuses pushes)."""
+    ``proxy: remoteurl:``; it then refuses pushes). ``tls`` (certificate, key) makes it
+    serve HTTPS."""
     if shutil.which("docker-registry") is None:
         pytest.skip("docker-registry not installed")
     port = free_port()
@@ -334,8 +340,14 @@ def start_registry(
         "storage:",
         f"  filesystem: {{rootdirectory: {json.dumps(str(workdir / 'storage'))}}}",
         "  delete: {enabled: true}",
-        f"http: {{addr: '127.0.0.1:{port}'}}",
     ]
+    if tls is None:
+        config.append(f"http: {{addr: '127.0.0.1:{port}'}}")
+    else:
+        cert, key = (json.dumps(str(p)) for p in tls)
+        config.append(
+            f"http: {{addr: '127.0.0.1:{port}', tls: {{certificate: {cert}, key: {key}}}}}"
+        )
     token_server: TokenServer | None = None
     if auth == "htpasswd":
         out = subprocess.run(
@@ -375,6 +387,8 @@ def start_registry(
     )
     log.close()
     server = RegistryServer(workdir, port, proc, auth, username, password, token_server)
+    if tls is not None:
+        server.scheme = "https"
     try:
         _wait_ready(server)
     except BaseException:
