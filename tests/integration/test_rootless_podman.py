@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.podman, pytest.mark.fuse, pytest.mark.registry, pytest
 
 EXPECTED = "hello from a fixture"
 TAGS = ["esgz", "esgz-noopt", "zstdchunked-stargz", "zstdchunked-podman54", "zstdchunked-podman43"]
-IMPORT_PROBE = "import aiofiles, aiohttp, msgpack, pyfuse3, zstandard, alsd.daemon"
+IMPORT_PROBE = "import aiofiles, aiohttp, msgpack, pyfuse3, zstandard, alsd.app.daemon"
 TOC_ANNOTATIONS = (
     "containerd.io/snapshot/stargz/toc.digest",
     "io.github.containers.zstd-chunked.manifest-checksum",
