@@ -39,7 +39,7 @@ _FETCH = re.compile(
     r"DEBUG fetch (\S+) (\w+): (\d+) range\(s\) (\d+) B (\d+) chunk\(s\): queue ([\d.]+) ms, "
     r"slot ([\d.]+) ms, network ([\d.]+) ms, decode\+verify ([\d.]+) ms, store ([\d.]+) ms"
 )
-_RESOLVED = re.compile(r"DEBUG resolved layer (\S+): (.*)$")
+_RESOLVED = re.compile(r"DEBUG resolved layer (\S+?): (.*)$")
 
 
 def _ts(line: str) -> float | None:

@@ -99,6 +99,30 @@ class BlobSource:
 
 
 @dataclass
+class FetchPhases:
+    """Where the time of fetch batches went, summed over batches (seconds): ``queue`` from
+    the first chunk queued to the batch's task running, ``slot`` waiting for a fetch slot,
+    ``network`` the range request up to its whole body, ``decode`` decompressing and
+    verifying every chunk (worker thread), ``store`` writing them to the chunk store (the
+    waiters of a chunk are woken before, as soon as it is verified)."""
+
+    batches: int = 0
+    queue_s: float = 0.0
+    slot_s: float = 0.0
+    network_s: float = 0.0
+    decode_s: float = 0.0
+    store_s: float = 0.0
+
+    def add(self, queue: float, slot: float, network: float, decode: float, store: float) -> None:
+        self.batches += 1
+        self.queue_s += queue
+        self.slot_s += slot
+        self.network_s += network
+        self.decode_s += decode
+        self.store_s += store
+
+
+@dataclass
 class FetchStats:
     """Engine-wide counters for /metrics."""
 
@@ -114,6 +138,7 @@ class FetchStats:
     latency_sum_s: float = 0.0
     latency_count: int = 0
     latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS_S))
+    phases: FetchPhases = field(default_factory=FetchPhases)
 
     def observe(self, seconds: float) -> None:
         self.latency_sum_s += seconds
@@ -135,6 +160,7 @@ class FetchStats:
             "store_full": self.store_full,
             "latency_sum_s": self.latency_sum_s,
             "latency_count": self.latency_count,
+            **{f"phase_{k}": v for k, v in vars(self.phases).items()},
             # Flat keys (cumulative counts per upper bound), so /metrics can export them.
             **{
                 f"latency_le_{str(b).replace('.', '_')}_s": n
@@ -157,6 +183,7 @@ class _Pending:
     merge_gap_bytes: int
     max_request_bytes: int
     wants: list[_Want] = field(default_factory=list)
+    queued_at: float = field(default_factory=time.monotonic)  # first want queued
 
 
 def _consume(fut: asyncio.Future[bytes]) -> None:
@@ -387,24 +414,35 @@ class Fetcher:
                     len(batch) >= self.max_ranges_per_request
                     or size + (end - start) > p.max_request_bytes
                 ):
-                    self._start(p.source, p.priority, batch)
+                    self._start(p.source, p.priority, batch, p.queued_at)
                     batch, size = [], 0
                 batch.append((start, end, wants))
                 size += end - start
             if batch:
-                self._start(p.source, p.priority, batch)
+                self._start(p.source, p.priority, batch, p.queued_at)
 
     def _start(
-        self, source: BlobSource, priority: Priority, batch: list[tuple[int, int, list[_Want]]]
+        self,
+        source: BlobSource,
+        priority: Priority,
+        batch: list[tuple[int, int, list[_Want]]],
+        queued_at: float,
     ) -> None:
-        task = asyncio.get_running_loop().create_task(self._run_batch(source, priority, batch))
+        task = asyncio.get_running_loop().create_task(
+            self._run_batch(source, priority, batch, queued_at)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run_batch(
-        self, source: BlobSource, priority: Priority, batch: list[tuple[int, int, list[_Want]]]
+        self,
+        source: BlobSource,
+        priority: Priority,
+        batch: list[tuple[int, int, list[_Want]]],
+        queued_at: float,
     ) -> None:
         wants = [w for _, _, ws in batch for w in ws]
+        t_task = time.monotonic()
         try:
             ranges = [(s, e) for s, e, _ in batch]
             async with self._scheduler.slot(priority):
@@ -417,6 +455,7 @@ class Fetcher:
                     self.stats.observe(time.monotonic() - t0)
                     self.stats.requests += 1
                     source.stats.requests += 1
+            t_body = time.monotonic()
             if not bodies_fit(bodies, ranges):
                 raise RegistryError(
                     f"{source.name}: registry returned {[len(b) for b in bodies]} bytes "
@@ -426,15 +465,35 @@ class Fetcher:
             self.stats.bytes_fetched += got
             source.stats.bytes_fetched += got
             decoded = await asyncio.to_thread(self._decode_batch, source, batch, bodies)
+            t_decoded = time.monotonic()
+            good: list[tuple[_Want, bytes]] = []
             for want, data in decoded:
                 if isinstance(data, IntegrityError):
                     self.stats.integrity_errors += 1
                     self._finish(want, exc=data)
                     continue
                 self.stats.chunks_fetched += 1
+                # Verified: its readers go on now, from memory. The chunk stays in
+                # _inflight until it is stored, so a reader arriving meanwhile joins this
+                # resolved Future instead of fetching it again (see _finish).
+                if not want.future.done():
+                    want.future.set_result(data)
+                good.append((want, data))
+            for want, data in good:
                 if not await self._put(want.chunk.digest, data):
                     self.stats.store_full += 1
                 self._finish(want, data=data)
+            t_done = time.monotonic()
+            self.stats.phases.add(t_task - queued_at, t0 - t_task, t_body - t0,
+                                  t_decoded - t_body, t_done - t_decoded)  # fmt: skip
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "fetch %s %s: %d range(s) %d B %d chunk(s): queue %.1f ms, slot %.1f ms, "
+                    "network %.1f ms, decode+verify %.1f ms, store %.1f ms",
+                    source.name, priority.name, len(ranges), got, len(wants),
+                    (t_task - queued_at) * 1e3, (t0 - t_task) * 1e3, (t_body - t0) * 1e3,
+                    (t_decoded - t_body) * 1e3, (t_done - t_decoded) * 1e3,
+                )  # fmt: skip
         except asyncio.CancelledError:
             for w in wants:
                 self._finish(w, cancel=True)

@@ -11,7 +11,8 @@ Two mechanisms enforce the order:
 * :meth:`Scheduler.slot` is a priority semaphore over ``fetch_concurrency`` request slots:
   a freed slot always goes to the best waiting priority (FIFO within one priority).
 * :meth:`Scheduler.wait_quiet` lets background work start a new batch only when no
-  on-demand read is running, none has ended for ``quiet_period_s`` and no prefetch runs.
+  on-demand read is running, none has ended (and no read was answered, :meth:`touch`)
+  for ``quiet_period_s`` and no prefetch runs.
   Background work therefore pauses while reads run and resumes after a quiet period.
 
 Concurrency rule: everything here runs on the event loop thread; the counters and the
@@ -151,6 +152,12 @@ class Scheduler:
         finally:
             self._prefetch_active -= 1
             self._notify()
+
+    def touch(self) -> None:
+        """A read was answered (from the store or not): background work waits another
+        quiet period. Reads that hit the store fetch nothing, but they say a container is
+        running, and a background batch would only take the link from its next miss."""
+        self._last_demand_end = max(self._last_demand_end, asyncio.get_running_loop().time())
 
     @property
     def demand_active(self) -> int:

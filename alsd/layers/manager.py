@@ -278,7 +278,10 @@ class LayerManager:
 
     async def read(self, layer: Layer, node: int, offset: int, size: int) -> bytes:
         """Exactly the bytes ``[offset, offset+size)`` of file ``node`` (short at EOF)."""
-        return await self._reader.read(layer, node, offset, size)
+        try:
+            return await self._reader.read(layer, node, offset, size)
+        finally:
+            self._prefetcher.note_read(layer)
 
     async def read_blob(self, layer: Layer, offset: int, size: int) -> bytes:
         """Raw compressed bytes of the layer blob (for the ``blob`` file)."""

@@ -5,9 +5,11 @@
 * landmark prefetch: the prioritised region of an optimised eStargz layer (the files
   before ``.prefetch.landmark``, in the order the container reads them) is fetched as
   soon as the layer is resolved, in ``prefetch_request_bytes`` pieces;
-* background fetch: after the prefetch, the rest of the layer is fetched in batches of
-  ``background_batch_bytes``, each one waiting until on-demand reads have been quiet for
-  a while (:class:`~alsd.fetch.scheduler.Scheduler`).
+* background fetch: after the prefetch and the first read of one of the layer's files
+  (or ``background_unread_wait_s`` without one), the rest of the layer is fetched in
+  batches of ``background_batch_bytes``, each one waiting until reads have been quiet for
+  a while (:class:`~alsd.fetch.scheduler.Scheduler`): it never competes with podman's
+  pull or a starting container for the link.
 
 Both are idempotent: chunks already stored are skipped, so a cancelled run restarts
 without losing or refetching anything. :class:`LayerTasks` owns every task working on a
@@ -82,6 +84,15 @@ class Prefetcher:
         self._profiles = profiles
         # Called when a layer's background fetch has stored every chunk it lacked.
         self.on_complete: Callable[[Layer], None] | None = None
+        self._read: dict[Layer, asyncio.Event] = {}  # set at the first read of a layer
+
+    def note_read(self, layer: Layer) -> None:
+        """A file of ``layer`` was read (hit or miss): its container has started."""
+        ev = self._read.get(layer)
+        if ev is None:
+            ev = self._read[layer] = asyncio.Event()
+        ev.set()
+        self._scheduler.touch()
 
     def start(self, layer: Layer) -> None:
         """Start the landmark prefetch and the background fetch of a layer just adopted."""
@@ -91,6 +102,7 @@ class Prefetcher:
     def stop(self, layer: Layer) -> None:
         """Cancel everything working on ``layer`` (dropped from memory)."""
         self._tasks.cancel(layer)
+        self._read.pop(layer, None)
         if layer.prefetch_state.active:
             layer.prefetch_state = PrefetchState.CANCELLED
         if layer.background_state.active:
@@ -227,6 +239,12 @@ class Prefetcher:
             return
         await asyncio.wait([prefetch])
         layer.background_state = BackgroundState.WAITING
+        # Not while podman pulls or a container starts on the layer: after its first read
+        # (then wait_quiet below holds each batch back while reads go on), or after a
+        # while if nothing reads it.
+        read = self._read.setdefault(layer, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(read.wait(), s.background_unread_wait_s)
         try:
             async with self._scheduler.background():
                 layer.background_state = BackgroundState.RUNNING

@@ -98,6 +98,12 @@ class Reader:
                     self._read_ahead(layer, chunks)
                     got = await fetch
                 out = _assemble(layer, node, chunks, got, offset, end)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "miss %s %s@%d+%d: %d chunk(s), %.1f ms", layer.source.name,
+                        layer.index.path(node), offset, end - offset, len(chunks),
+                        (time.monotonic() - t0) * 1e3,
+                    )  # fmt: skip
                 if self.on_fetched is not None:
                     self.on_fetched(layer)
         except AlsdError:

@@ -177,9 +177,16 @@ class LayerResolver:
         desc = img.manifest.layers[pos]
         reference = parse_reference(img.ref)
 
-        async def read(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-            return await self._resolve_read(reference, desc.digest, ranges)
+        reads_ms: list[float] = []
 
+        async def read(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+            t = time.monotonic()
+            try:
+                return await self._resolve_read(reference, desc.digest, ranges)
+            finally:
+                reads_ms.append((time.monotonic() - t) * 1e3)
+
+        t0 = time.monotonic()
         toc = await tocplan.read_layer_index(
             read,
             name=f"{img.ref} {desc.digest}",
@@ -189,6 +196,13 @@ class LayerResolver:
             max_toc_bytes=self._settings.max_toc_bytes,
             max_chunk_bytes=self._settings.max_chunk_bytes,
         )
+        if log.isEnabledFor(logging.DEBUG):
+            total = (time.monotonic() - t0) * 1e3
+            log.debug(
+                "resolved layer %s@%s: %.1f ms: reads (tail, TOC) %s ms, parsing %.1f ms",
+                img.ref, desc.digest, total, " + ".join(f"{x:.1f}" for x in reads_ms),
+                total - sum(reads_ms),
+            )  # fmt: skip
         return self._make_layer(img, pos, toc.index, toc.uncompressed_size)
 
     async def _resolve_read(

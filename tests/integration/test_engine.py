@@ -458,7 +458,7 @@ async def test_background_fetch_completes_the_layer(
     registry: Registry, layout: OciLayout, factory: EngineFactory
 ) -> None:
     env = await factory.make(prefetch_landmark=True, prefetch_background=True,
-                             quiet_period_s=0.0)
+                             quiet_period_s=0.0, background_unread_wait_s=0.0)
     layer = await env.engine.get_layer(_ref(registry, "esgz-noopt"),
                                        layout.image("esgz-noopt").layers[0].digest)
     await _until(lambda: layer.background_state == "done", "the background fetch")

@@ -116,3 +116,44 @@ async def test_stored_slices_read_only_the_slice(
         assert store.advised == [wanted[1][1].digest]
     finally:
         await f.close()
+
+
+class _SlowStore(FakeChunkStore):
+    """A chunk store whose writes wait until the test opens ``gate`` (a slow disk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.writing = asyncio.Event()
+
+    async def put(self, digest: str, data: bytes) -> bool:
+        self.writing.set()
+        await self.gate.wait()
+        return await super().put(digest, data)
+
+
+async def test_readers_get_verified_chunks_before_they_are_stored(
+    setup: tuple[FakeRegistry, BlobSource, LayerIndex],
+) -> None:
+    reg, source, index = setup
+    store = _SlowStore()
+    f = Fetcher(reg, store, Scheduler(4))
+    try:
+        wanted = chunks_of(index, "b")
+        got = await asyncio.wait_for(f.get_chunks(source, wanted), 10)
+        assert b"".join(got[c.digest] for _, c in wanted) == B
+        assert store.writing.is_set() and not store.chunks  # served while still writing
+        # A reader arriving while the chunks are being written joins them: no new request.
+        again = await asyncio.wait_for(f.get_chunks(source, wanted), 10)
+        assert again == got
+        assert len(reg.range_calls) == 1
+        store.gate.set()
+        for _ in range(100):
+            if f.inflight_count() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert f.inflight_count() == 0
+        assert len(store.chunks) == len({c.digest for _, c in wanted})
+    finally:
+        store.gate.set()
+        await f.close()

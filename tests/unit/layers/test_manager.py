@@ -169,8 +169,9 @@ async def test_a_released_layer_is_dropped_and_its_tasks_cancelled(
         registry,
         FakeChunkStore(),
         None,
-        settings(release_grace_s=0.01, prefetch_background=True, quiet_period_s=0.0),
-    )
+        settings(release_grace_s=0.01, prefetch_background=True, quiet_period_s=0.0,
+                 background_unread_wait_s=0.0),
+    )  # fmt: skip
     try:
         registry.gate.set()
         layer = await m.get_layer(REF, img.layers[0].blob_digest)
@@ -187,4 +188,29 @@ async def test_a_released_layer_is_dropped_and_its_tasks_cancelled(
         assert all(la["digest"] != layer.blob_digest for la in status["layers"])
     finally:
         registry.gate.set()
+        await m.close()
+
+
+async def test_the_background_fetch_waits_for_the_first_read(registry: FakeRegistry) -> None:
+    """Not while podman pulls: the rest of a layer is fetched only once a container reads
+    from it (and then only after a quiet period, here 0)."""
+    img = registry.images[REF]
+    store = FakeChunkStore()
+    m = LayerManager(registry, store, None,
+                     settings(prefetch_background=True, quiet_period_s=0.0))  # fmt: skip
+    try:
+        layer = await m.get_layer(REF, img.layers[0].blob_digest)
+        m.use(layer)  # what podman does when it pulls
+        resolution = len(registry.range_calls)
+        await asyncio.sleep(0.2)
+        assert layer.background_state == BackgroundState.WAITING
+        assert len(registry.range_calls) == resolution  # nothing fetched yet
+        assert await read_file(m, REF, img.layers[0].blob_digest, "etc/hello") == b"hello\n"
+        for _ in range(200):
+            if layer.background_state == BackgroundState.DONE:
+                break
+            await asyncio.sleep(0.01)
+        assert layer.background_state == BackgroundState.DONE
+        assert all(store.has(c.digest) for _, c in layer.index.iter_chunks() if not c.zeros)
+    finally:
         await m.close()
