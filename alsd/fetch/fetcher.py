@@ -239,6 +239,9 @@ class Fetcher:
         self.max_request_bytes = max_request_bytes
         self.max_ranges_per_request = max_ranges_per_request
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        # Chunks verified and handed to their readers but still being written to the
+        # store: callers that asked only for them to be stored (keep=False) wait here.
+        self._writes: dict[str, asyncio.Future[None]] = {}
         self._pending: dict[tuple[str, Priority, int, int], _Pending] = {}
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -323,6 +326,14 @@ class Fetcher:
             data = await fut
             if keep:
                 result[d] = data
+        if not keep:
+            # Prefetch and background promise stored chunks, not just fetched ones.
+            for d in waits:
+                if d in self._inflight:
+                    w = self._writes.get(d)
+                    if w is None:
+                        w = self._writes[d] = asyncio.get_running_loop().create_future()
+                    await w
         if retry:
             result.update(
                 await self.get_chunks(
@@ -387,6 +398,9 @@ class Fetcher:
         for fut in self._inflight.values():
             fut.cancel()
         self._inflight.clear()
+        for written in self._writes.values():
+            written.cancel()
+        self._writes.clear()
 
     def inflight_count(self) -> int:
         return len(self._inflight)
@@ -571,6 +585,9 @@ class Fetcher:
         fut = want.future
         if self._inflight.get(want.chunk.digest) is fut:
             del self._inflight[want.chunk.digest]
+            written = self._writes.pop(want.chunk.digest, None)
+            if written is not None and not written.done():
+                written.set_result(None)
         if fut.done():
             return
         if cancel:

@@ -163,6 +163,12 @@ async def _until(pred: object, what: str, timeout_s: float = 60) -> None:
         await asyncio.sleep(0.02)  # polling interval
 
 
+async def _stored(env: Env) -> None:
+    """Until every fetched chunk is in the store (a read returns its verified bytes
+    before they are written)."""
+    await _until(lambda: env.engine.fetcher.inflight_count() == 0, "the chunk store writes")
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -233,6 +239,7 @@ async def test_two_layers_sharing_content_store_it_once(
     assert shared, "the fixtures should share some chunk between eStargz and zstd:chunked"
     node_b, chunk = max(shared, key=lambda nc: nc[1].size)
     await env.engine.read(a, digests_a[chunk.digest], 0, 1 << 30)
+    await _stored(env)
     assert env.store.has(chunk.digest)
     stored = env.store.stats()
     requests = b.source.counter.requests
@@ -256,6 +263,7 @@ async def test_reads_of_stored_chunks_return_exact_slices_without_requests(
     chunks = layer.index.chunks(node)
     assert len(chunks) > 2, "the fixture's big file should span several chunks"
     assert await _read_all(env.engine, layer, "data/big.bin") == content
+    await _stored(env)
     requests = layer.source.counter.requests
     hits = env.engine.fetcher.stats.chunk_hits
     # Edges: the first and last byte of a chunk, a read across a boundary, one spanning
@@ -328,6 +336,7 @@ async def test_a_flipped_byte_is_an_integrity_error_and_nothing_is_stored(
         blob_file.write_bytes(original)
     # With the good bytes back the same read works (nothing bad was cached).
     assert len(await env.engine.read(layer, node, chunk.file_offset, 10)) == 10
+    await _stored(env)
     assert env.store.has(chunk.digest)
 
 
@@ -340,36 +349,72 @@ def _first_file_chunk(layer: Layer, min_followers: int) -> tuple[int, Chunk, lis
     pytest.fail("the fixture layer has too few chunks")
 
 
-async def test_a_read_that_misses_reads_the_following_chunks_ahead(
+def _file_then_neighbour_then_other_directory(layer: Layer) -> tuple[int, int, int]:
+    """Nodes of three files in blob order, one chunk each: a file, the next one in the same
+    directory, then one in another directory (in the esgz-noopt fixture: data/hard,
+    data/big.bin, gone/b)."""
+    order = [(n, c) for n, c in layer.index.iter_chunks() if not c.zeros]
+    idx = layer.index
+    for (a, _), (b, _), (c, _) in zip(order, order[1:], order[2:], strict=False):
+        one_chunk = all(len(idx.chunks(x)) == 1 for x in (a, b))
+        if one_chunk and idx.parent(a) == idx.parent(b) != idx.parent(c):
+            return a, b, c
+    pytest.fail("the fixture layer has no such files")
+
+
+async def test_a_file_read_to_its_end_reads_its_directory_ahead(
     registry: Registry, layout: OciLayout, gzip_files: list[dict[str, bytes]],
     factory: EngineFactory,
 ) -> None:
     desc = layout.image("esgz-noopt").layers[0]
-    probe = await factory.make()
-    layer = await probe.engine.get_layer(_ref(registry, "esgz-noopt"), desc.digest)
-    node, first, followers = _first_file_chunk(layer, 3)
-    await factory.close(probe)
-    # A window that holds exactly the next two chunks: the third is beyond it.
-    window = followers[1].fetch_end - first.fetch_end
-    env = await factory.make(readahead_bytes=window)
+    env = await factory.make(readahead_bytes=1 << 20)
     layer = await env.engine.get_layer(_ref(registry, "esgz-noopt"), desc.digest)
+    first, neighbour, other = _file_then_neighbour_then_other_directory(layer)
+    idx = layer.index
+    (chunk,) = idx.chunks(first)
     before = layer.source.counter.requests
-    data = await env.engine.read(layer, node, first.file_offset, first.size)
-    assert data == gzip_files[0][layer.index.path(node)][first.file_offset :][: first.size]
+    data = await env.engine.read(layer, first, 0, idx.attr(first).size)
+    assert data == gzip_files[0][idx.path(first)]
     await _until(lambda: env.engine.fetcher.inflight_count() == 0, "the read-ahead")
     assert env.engine.stats.readahead_requests == 1
     assert layer.source.counter.requests - before == 2  # the read's, and the read-ahead's
-    assert env.store.has(first.digest)
-    assert env.store.has(followers[0].digest) and env.store.has(followers[1].digest)
-    assert not env.store.has(followers[2].digest)  # the window is a bound
+    assert env.store.has(chunk.digest)
+    assert env.store.has(idx.chunks(neighbour)[0].digest)
+    # Within the window, but in another directory: not read ahead.
+    (beyond,) = idx.chunks(other)
+    assert beyond.fetch_end - chunk.fetch_end <= 1 << 20
+    assert not env.store.has(beyond.digest)
     # What was read ahead is served without a request, and verified like any chunk.
     requests = layer.source.counter.requests
-    for n2, c in layer.index.iter_chunks(first.fetch_end):
-        if c.digest == followers[1].digest:
-            break
-        got = await env.engine.read(layer, n2, c.file_offset, c.size)
-        assert got == gzip_files[0][layer.index.path(n2)][c.file_offset :][: c.size]
+    got = await env.engine.read(layer, neighbour, 0, idx.attr(neighbour).size)
+    assert got == gzip_files[0][idx.path(neighbour)]
     assert layer.source.counter.requests == requests
+
+
+async def test_read_ahead_is_bounded_by_its_window_and_by_a_read_short_of_the_end(
+    registry: Registry, layout: OciLayout, factory: EngineFactory, tmp_path: Path
+) -> None:
+    desc = layout.image("esgz-noopt").layers[0]
+    probe = await factory.make()
+    layer = await probe.engine.get_layer(_ref(registry, "esgz-noopt"), desc.digest)
+    first, neighbour, _ = _file_then_neighbour_then_other_directory(layer)
+    (chunk,) = layer.index.chunks(first)
+    (next_chunk,) = layer.index.chunks(neighbour)
+    await factory.close(probe)
+    # A window that ends one byte short of the neighbour: nothing to read ahead.
+    env = await factory.make(readahead_bytes=next_chunk.fetch_end - chunk.fetch_end - 1)
+    layer = await env.engine.get_layer(_ref(registry, "esgz-noopt"), desc.digest)
+    await env.engine.read(layer, first, 0, layer.index.attr(first).size)
+    assert env.engine.stats.readahead_requests == 0
+    assert not env.store.has(next_chunk.digest)
+    await factory.close(env)
+    # A wide window, but the read stops short of the end of its file (a fresh store).
+    env = await factory.make(state=tmp_path / "fresh", readahead_bytes=1 << 20)
+    layer = await env.engine.get_layer(_ref(registry, "esgz-noopt"), desc.digest)
+    assert layer.index.attr(first).size > 1
+    assert len(await env.engine.read(layer, first, 0, 1)) == 1
+    assert env.engine.stats.readahead_requests == 0
+    assert not env.store.has(next_chunk.digest)
 
 
 async def test_no_read_ahead_when_it_is_off_or_everything_is_stored(
@@ -380,6 +425,7 @@ async def test_no_read_ahead_when_it_is_off_or_everything_is_stored(
     layer = await env.engine.get_layer(_ref(registry, "esgz-noopt"), desc.digest)
     node, first, followers = _first_file_chunk(layer, 1)
     await env.engine.read(layer, node, first.file_offset, first.size)
+    await _stored(env)
     assert env.engine.stats.readahead_requests == 0
     assert env.store.has(first.digest) and not env.store.has(followers[0].digest)
     await factory.close(env)
@@ -506,6 +552,8 @@ async def main() -> None:
     layers = [await engine.get_layer(ref, d) for d in digests]
     small = layers[0].index.find("data/small.txt")
     await engine.read(layers[0], small, 0, 100)
+    while engine.fetcher.inflight_count():  # the read's chunk is written to the store
+        await asyncio.sleep(0.01)
     print("READY", flush=True)
     while True:  # keep fetching until killed: every chunk of every layer, again and again
         for layer in layers:

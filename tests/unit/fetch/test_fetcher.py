@@ -157,3 +157,24 @@ async def test_readers_get_verified_chunks_before_they_are_stored(
     finally:
         store.gate.set()
         await f.close()
+
+
+async def test_a_fetch_that_keeps_nothing_returns_once_its_chunks_are_stored(
+    setup: tuple[FakeRegistry, BlobSource, LayerIndex],
+) -> None:
+    """Prefetch and background fetch (keep=False) promise stored chunks."""
+    reg, source, index = setup
+    store = _SlowStore()
+    f = Fetcher(reg, store, Scheduler(4))
+    try:
+        wanted = chunks_of(index, "b")
+        task = asyncio.create_task(f.get_chunks(source, wanted, Priority.PREFETCH, keep=False))
+        await asyncio.wait_for(store.writing.wait(), 10)
+        await asyncio.sleep(0.05)
+        assert not task.done()  # verified, but not yet written
+        store.gate.set()
+        assert await asyncio.wait_for(task, 10) == {}
+        assert all(store.has(c.digest) for _, c in wanted)
+    finally:
+        store.gate.set()
+        await f.close()
