@@ -136,9 +136,9 @@ class FetchConfig:
     )
     readahead_bytes: int = _setting(
         512 * 1024,
-        "when a read has to fetch from the registry, also fetch this many bytes of the "
-        "layer that follow it (the next files in the layer, which programs tend to read "
-        "next), in a request of its own; 0 turns it off",
+        "when a read of a file to its end has to fetch from the registry, also fetch the "
+        "files that follow it in its directory (which programs tend to read next), up to "
+        "this many bytes of the layer, in a request of its own; 0 turns it off",
         _non_negative,
     )
 

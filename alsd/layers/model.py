@@ -42,7 +42,7 @@ class BackgroundState(StrEnum):
     """Where the background fetch of a layer stands (shown by /status)."""
 
     PENDING = "pending"
-    WAITING = "waiting"  # for the prefetch, then for a background slot
+    WAITING = "waiting"  # for the prefetch, the first read of the layer, a background slot
     RUNNING = "running"
     DONE = "done"
     DISABLED = "disabled"  # [prefetch] background = false

@@ -27,7 +27,7 @@ from alsd.config import LayerSettings
 from alsd.errors import AlsdError, FormatError, IntegrityError, RegistryError
 from alsd.fetch.fetcher import ChunkStoreLike, Fetcher
 from alsd.fetch.scheduler import Priority, Scheduler
-from alsd.layers.model import Layer, LayerStats
+from alsd.layers.model import Layer, LayerStats, PrefetchState
 from alsd.layers.ports import RegistryLike
 from alsd.layers.prefetch import LayerTasks
 from alsd.layers.profiles import ProfileBook
@@ -95,7 +95,7 @@ class Reader:
                     )
                     # The read-ahead task runs after this read has registered its chunks
                     # and before the fetcher flushes them: both requests go out together.
-                    self._read_ahead(layer, chunks)
+                    self._read_ahead(layer, node, chunks, to_eof=end >= attr.size)
                     got = await fetch
                 out = _assemble(layer, node, chunks, got, offset, end)
                 if log.isEnabledFor(logging.DEBUG):
@@ -115,31 +115,44 @@ class Reader:
         layer.source.stats.bytes_served += len(out)
         return out
 
-    def _read_ahead(self, layer: Layer, chunks: Sequence[Chunk]) -> None:
-        """Start fetching the ``readahead_bytes`` of the blob that follow ``chunks``.
+    def _read_ahead(
+        self, layer: Layer, node: int, chunks: Sequence[Chunk], *, to_eof: bool
+    ) -> None:
+        """Start fetching the files that follow ``node`` in its directory, up to
+        ``readahead_bytes`` of the blob after ``chunks``.
 
-        Called when a read misses the store; the chunks that follow in the blob belong to
-        the next files of the layer (tar order), which a starting program tends to read
-        next (Python's modules, a library's neighbours). They are fetched in a request of
-        their own, at prefetch priority, so the read that missed is not delayed by them;
-        a later read of one of them joins the fetch in flight. Not while the landmark
-        prefetch is still fetching the region the read is in: those chunks come anyway.
+        Called when a read misses the store. A file read to its end is typically a small
+        file read whole (a Python module, a configuration file), and the files after it in
+        the layer (tar order) are its neighbours in the directory, which a starting program
+        tends to read next (the other modules of a package). They are fetched in a request
+        of their own, at prefetch priority, so the read that missed is not delayed by them;
+        a later read of one of them joins the fetch in flight. Nothing is read ahead
+
+        * after a read that stops short of the end of its file (a program or library
+          mapped, a large file read in pieces): the kernel's own read-ahead asks for the
+          rest of that file, and the files after it are no likelier to be read than others;
+        * beyond the directory of ``node``: the next directory is another package;
+        * inside the prioritised region of an optimised layer, which the landmark prefetch
+          fetches (or has fetched) whole.
+
         Errors only cost the read-ahead (the chunks are fetched again when read).
         """
         n = self._settings.readahead_bytes
-        if n <= 0 or not chunks or self.closed:
+        if n <= 0 or not chunks or not to_eof or self.closed:
             return
         end = max(c.fetch_end for c in chunks)
         idx = layer.index
-        if layer.prefetch_state.active and end <= idx.prefetch_end:
+        state = layer.prefetch_state
+        if end <= idx.prefetch_end and (state.active or state == PrefetchState.DONE):
             return
+        directory = idx.parent(node)
         limit = end + n
         ahead: list[tuple[int, Chunk]] = []
-        for node, c in idx.iter_chunks(end):
-            if c.fetch_end > limit:
+        for nd, c in idx.iter_chunks(end):
+            if c.fetch_end > limit or idx.parent(nd) != directory:
                 break
             if not c.zeros and not self._store.has(c.digest):
-                ahead.append((node, c))
+                ahead.append((nd, c))
         if not ahead:
             return
         self._stats.readahead_requests += 1

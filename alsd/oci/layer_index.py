@@ -247,6 +247,11 @@ class LayerIndex:
             node = parent[node]
         return "/".join(reversed(parts))
 
+    def parent(self, node: int) -> int:
+        """The directory holding ``node`` (the root is its own parent)."""
+        self._check_node(node)
+        return self.ROOT if node == self.ROOT else self._cols["parent"][node]
+
     def find(self, path: str) -> int | None:
         try:
             norm = normalize_name(path)
