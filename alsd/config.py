@@ -419,7 +419,7 @@ class LayerSettings:
     # A layer's background fetch starts only after the first read of one of its files
     # (a container runs on it: its start comes first, then the quiet period), or this
     # long after the layer was resolved if nothing reads it (a layer only pulled).
-    background_unread_wait_s: float = 60.0
+    background_unread_wait_s: float = 10.0
     release_grace_s: float = _DEFAULT.layers.release_grace_s
     negative_cache_ttl_s: float = _DEFAULT.layers.negative_cache_ttl_s
     unknown_diff_size: UnknownDiffSize = _DEFAULT.layers.unknown_diff_size

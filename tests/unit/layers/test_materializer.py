@@ -47,6 +47,8 @@ def settings(**kw: object) -> LayerSettings:
         "prefetch_background": True,
         "readahead_bytes": 0,
         "quiet_period_s": 0.0,
+        # Background fetches start at once, without waiting for a first read.
+        "background_unread_wait_s": 0.0,
     }
     return LayerSettings(**{**base, **kw})  # type: ignore[arg-type]
 
