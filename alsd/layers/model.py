@@ -87,6 +87,9 @@ class Layer:
     profile_entries: int = 0
     profile_chunks: int = 0
     profile_bytes: int = 0
+    # Digests of the chunks the profile prefetch fetches (the reader's read-ahead skips
+    # misses on them while it runs: they are on their way, in the order they are read).
+    profile_digests: frozenset[str] = frozenset()
     # Once the layer is materialised (layers/materializer.py): the target of the symlink
     # ``diff`` answers, and the directory its files are read from.
     diff_link: str | None = None

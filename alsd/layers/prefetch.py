@@ -137,6 +137,7 @@ class Prefetcher:
         if not chunks:
             layer.profile_state = "none"
             return
+        layer.profile_digests = frozenset(c.digest for _, c in chunks)
         layer.profile_state = "running"
         try:
             with self._scheduler.prefetching():

@@ -133,7 +133,9 @@ class Reader:
           rest of that file, and the files after it are no likelier to be read than others;
         * beyond the directory of ``node``: the next directory is another package;
         * inside the prioritised region of an optimised layer, which the landmark prefetch
-          fetches (or has fetched) whole.
+          fetches (or has fetched) whole;
+        * for chunks the running profile prefetch fetches: they, and what the container
+          reads next, are on their way in the profile's order.
 
         Errors only cost the read-ahead (the chunks are fetched again when read).
         """
@@ -144,6 +146,11 @@ class Reader:
         idx = layer.index
         state = layer.prefetch_state
         if end <= idx.prefetch_end and (state.active or state == PrefetchState.DONE):
+            return
+        if layer.profile_state == "running" and all(
+            c.digest in layer.profile_digests for c in chunks
+        ):
+            # The profile prefetch is fetching these, and what the container reads next.
             return
         directory = idx.parent(node)
         limit = end + n

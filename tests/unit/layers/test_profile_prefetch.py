@@ -95,3 +95,41 @@ async def test_registry_profile_is_asked_once_per_image() -> None:
         assert all(la.image_digest == digest for la in layers)
     finally:
         await m.close()
+
+
+async def test_no_read_ahead_for_chunks_the_profile_prefetch_fetches() -> None:
+    registry = FakeRegistry()
+    img = make_image(REF, [FILES], chunk_size=4096)
+    registry.add(img)
+    digest = "sha256:" + hashlib.sha256(img.manifest).hexdigest()
+    blob = img.layers[0].blob_digest
+    meta = FakeMetadata()
+    entries = tuple(ProfileEntry(p, 0, len(FILES[p])) for p in ORDER)
+    await meta.save_async(
+        PROFILE_KIND, digest, profile_record(REF, Profile((LayerProfile(blob, entries),)))
+    )
+    m = LayerManager(registry, FakeChunkStore(), meta, settings(readahead_bytes=8192))
+    await m.load_state()
+    try:
+        layer = await m.get_layer(REF, blob)
+        registry.gate = asyncio.Event()  # hold the profile prefetch's requests
+        await _until(lambda: layer.profile_state == "running")
+
+        async def read(path: str) -> asyncio.Task[bytes]:
+            node = layer.index.find(path)
+            assert node is not None
+            task = asyncio.create_task(m.read(layer, node, 0, len(FILES[path])))  # to its end
+            for _ in range(5):
+                await asyncio.sleep(0)
+            return task
+
+        in_profile = await read(ORDER[2])
+        assert m.stats.readahead_requests == 0
+        outside = await read("f0")
+        assert m.stats.readahead_requests == 1
+        registry.gate.set()
+        assert await in_profile == FILES[ORDER[2]]
+        assert await outside == FILES["f0"]
+    finally:
+        registry.gate = None
+        await m.close()
