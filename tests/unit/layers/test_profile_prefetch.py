@@ -123,12 +123,12 @@ async def test_no_read_ahead_for_chunks_the_profile_prefetch_fetches() -> None:
                 await asyncio.sleep(0)
             return task
 
-        in_profile = await read(ORDER[2])
+        in_profile = await read(ORDER[1])  # f1: files follow it
         assert m.stats.readahead_requests == 0
         outside = await read("f0")
         assert m.stats.readahead_requests == 1
         registry.gate.set()
-        assert await in_profile == FILES[ORDER[2]]
+        assert await in_profile == FILES[ORDER[1]]
         assert await outside == FILES["f0"]
     finally:
         registry.gate = None
