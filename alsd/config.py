@@ -456,6 +456,16 @@ class RegistrySettings:
     # for the next reads of it: up to this many bytes in all, for this long.
     whole_blob_keep_bytes: int = 64 << 20
     whole_blob_keep_s: float = 300.0
+    # A body that sends nothing for stall_factor x the host's usual time to first byte,
+    # clamped to [stall_min_s, stall_max_s], is broken off and asked again at once.
+    stall_factor: float = 20.0
+    stall_min_s: float = 1.5
+    stall_max_s: float = 10.0
+    # A blob read still unanswered after hedge_factor x the usual time for its size,
+    # clamped to [hedge_min_s, hedge_max_s], gets a second request; the first answer wins.
+    hedge_factor: float = 4.0
+    hedge_min_s: float = 1.0
+    hedge_max_s: float = 8.0
 
 
 def layer_settings(cfg: Config) -> LayerSettings:

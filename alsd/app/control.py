@@ -48,6 +48,10 @@ class StatusSource(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
+class HostStatsSource(Protocol):
+    def host_stats(self) -> Mapping[str, Mapping[str, Any]]: ...
+
+
 class CredentialSink(Protocol):
     def add_json(self, data: bytes | str) -> int: ...
 
@@ -56,9 +60,17 @@ class CredentialSink(Protocol):
 
 
 def status_document(
-    engine: StatusSource, ops: Any, *, started_at: float, mountpoint: str
+    engine: StatusSource,
+    ops: Any,
+    *,
+    started_at: float,
+    mountpoint: str,
+    registry: HostStatsSource | None = None,
 ) -> dict[str, Any]:
     doc = dict(engine.status())
+    if registry is not None:
+        # Per registry host: retries, hedges, stalls, faults and the speed they derive from.
+        doc["registry_hosts"] = {h: dict(v) for h, v in registry.host_stats().items()}
     doc["mountpoint"] = mountpoint
     doc["pid"] = os.getpid()
     doc["uptime_s"] = round(time.time() - started_at, 3)
@@ -153,6 +165,20 @@ def metrics_text(doc: Mapping[str, Any]) -> str:
         "Lookups of names absent from a layer, answered as cacheable negative entries.",
         [("", fuse.get("negative_lookups"))],
     )
+    hosts = doc.get("registry_hosts") or {}
+    for key, help_ in (
+        ("requests", "HTTP requests sent to the registry host (retries and hedges included)."),
+        ("retries", "Requests sent again after a fault (reset, truncation, stall, 5xx, ...)."),
+        ("hedges", "Second requests sent for a blob read that ran far beyond the usual time."),
+        ("stalls", "Bodies broken off after sending no byte for the stall limit."),
+        ("faults", "Failed attempts: resets, truncated or stalled bodies, timeouts, 5xx/429."),
+    ):
+        family(
+            f"alsd_registry_{key}_total",
+            "counter",
+            help_,
+            [(f'{{host="{_label(h)}"}}', v.get(key)) for h, v in sorted(hosts.items())],
+        )
     layers = doc.get("layers") or []
     family("alsd_layers", "gauge", "Layers resolved and held in memory.", [("", len(layers))])
     for key, help_ in (
@@ -209,10 +235,16 @@ def _bind_private_socket(path: str) -> socket.socket:
 
 
 def _metrics_handler(
-    engine: StatusSource, ops: Any, started_at: float, mountpoint: str
+    engine: StatusSource,
+    ops: Any,
+    started_at: float,
+    mountpoint: str,
+    registry: HostStatsSource | None = None,
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def get_metrics(request: web.Request) -> web.Response:
-        doc = status_document(engine, ops, started_at=started_at, mountpoint=mountpoint)
+        doc = status_document(
+            engine, ops, started_at=started_at, mountpoint=mountpoint, registry=registry
+        )
         return web.Response(
             body=metrics_text(doc).encode(), headers={"Content-Type": CONTENT_TYPE_METRICS}
         )
@@ -228,12 +260,15 @@ async def serve_metrics(
     ops: Any,
     started_at: float,
     mountpoint: str,
+    registry: HostStatsSource | None = None,
 ) -> AsyncIterator[None]:
     """Serve ``GET /metrics`` alone on TCP ``address`` ("HOST:PORT") until the context exits;
     every other path is 404 (the control API and credentials stay on the unix socket)."""
     host, port = parse_host_port(address)
     app = web.Application()
-    app.router.add_get("/metrics", _metrics_handler(engine, ops, started_at, mountpoint))
+    app.router.add_get(
+        "/metrics", _metrics_handler(engine, ops, started_at, mountpoint, registry)
+    )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
@@ -259,14 +294,20 @@ async def serve(
     credentials: CredentialSink,
     started_at: float,
     mountpoint: str,
+    registry: HostStatsSource | None = None,
 ) -> AsyncIterator[None]:
     """Serve the control API on ``path`` until the context exits."""
 
+    def document() -> dict[str, Any]:
+        return status_document(
+            engine, ops, started_at=started_at, mountpoint=mountpoint, registry=registry
+        )
+
     async def get_status(request: web.Request) -> web.Response:
-        doc = status_document(engine, ops, started_at=started_at, mountpoint=mountpoint)
+        doc = document()
         return web.json_response(doc, dumps=lambda o: json.dumps(o, default=str))
 
-    get_metrics = _metrics_handler(engine, ops, started_at, mountpoint)
+    get_metrics = _metrics_handler(engine, ops, started_at, mountpoint, registry)
 
     async def post_credentials(request: web.Request) -> web.Response:
         body = await request.read()

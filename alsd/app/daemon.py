@@ -108,6 +108,7 @@ async def run(cfg: Config) -> int:
                 credentials=parts.credentials.helper,
                 started_at=started,
                 mountpoint=cfg.mountpoint,
+                registry=parts.registry.transport,
             )
         )
         if cfg.control.metrics_address is not None:
@@ -118,6 +119,7 @@ async def run(cfg: Config) -> int:
                     ops=ops,
                     started_at=started,
                     mountpoint=cfg.mountpoint,
+                    registry=parts.registry.transport,
                 )
             )
 

@@ -96,6 +96,10 @@ class BlobSource:
     stats: ByteStats = field(default_factory=ByteStats)
     # HTTP requests and bytes spent on this blob (adds into the manager's total).
     counter: ByteCounter = field(default_factory=ByteCounter)
+    # Chunks of this blob that failed verification (digest -> the error): read again, they
+    # fail at once instead of being fetched again. A source lives as long as its layer
+    # is resolved, so a layer resolved anew (after it was dropped) tries them again.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,6 +138,7 @@ class FetchStats:
     chunk_misses: int = 0  # had to be fetched (or joined an in-flight fetch)
     inflight_joins: int = 0
     integrity_errors: int = 0
+    known_bad: int = 0  # reads refused at once: the chunk failed verification before
     store_full: int = 0  # chunks served from memory because put() refused them
     latency_sum_s: float = 0.0
     latency_count: int = 0
@@ -157,6 +162,7 @@ class FetchStats:
             "chunk_misses": self.chunk_misses,
             "inflight_joins": self.inflight_joins,
             "integrity_errors": self.integrity_errors,
+            "known_bad": self.known_bad,
             "store_full": self.store_full,
             "latency_sum_s": self.latency_sum_s,
             "latency_count": self.latency_count,
@@ -267,10 +273,22 @@ class Fetcher:
         stored and returns an empty dict, so large batches are not held in memory.
         ``max_request_bytes`` bounds each registry request of this call (default: the
         fetcher's): smaller requests finish, and so serve their chunks, sooner.
+        "Zeros" chunks are not in the result (they are all zero bytes: the caller makes
+        the ones it needs, never a whole huge hole). A chunk of ``source`` that failed
+        verification before is not fetched again: IntegrityError at once (``keep=False``:
+        skipped).
         Raises IntegrityError, RegistryError or StoreError.
         """
         if self._closed:
             raise RegistryError("engine is closed")
+        wanted = list(wanted)
+        if source.failed:
+            for _, chunk in wanted:
+                why = source.failed.get(chunk.digest)
+                if why is not None and keep:
+                    self.stats.known_bad += 1
+                    raise IntegrityError(f"{why} (failed before; not fetched again)")
+            wanted = [(n, c) for n, c in wanted if c.digest not in source.failed]
         gap = self.merge_gap_bytes if merge_gap_bytes is None else merge_gap_bytes
         max_req = self.max_request_bytes if max_request_bytes is None else max_request_bytes
         result: dict[str, bytes] = {}
@@ -285,8 +303,6 @@ class Fetcher:
                 continue
             seen.add(d)
             if chunk.zeros:
-                if keep:
-                    result[d] = bytes(chunk.size)
                 continue
             fut = self._inflight.get(d)
             if fut is not None:
@@ -484,6 +500,7 @@ class Fetcher:
             for want, data in decoded:
                 if isinstance(data, IntegrityError):
                     self.stats.integrity_errors += 1
+                    source.failed[want.chunk.digest] = str(data)
                     self._finish(want, exc=data)
                     continue
                 self.stats.chunks_fetched += 1

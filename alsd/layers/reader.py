@@ -297,13 +297,19 @@ def _assemble(
             continue
         if c.file_offset > pos:
             break
+        hi = min(end, c.file_offset + c.size)
+        if c.zeros:  # a hole: only the zero bytes read, however large the chunk
+            out += bytes(hi - pos)
+            pos = hi
+            if pos >= end:
+                break
+            continue
         data = got[c.digest]
         if len(data) != c.size:
             raise IntegrityError(
                 f"{layer.source.name}: {layer.index.path(node)}@{c.file_offset}: chunk has "
                 f"{len(data)} bytes, TOC says {c.size}"
             )
-        hi = min(end, c.file_offset + c.size)
         out += data[pos - c.file_offset : hi - c.file_offset]
         pos = hi
         if pos >= end:

@@ -429,14 +429,14 @@ class RegistryClient:
             await self.transport.raise_status(resp, ref, ep, what, counter)
 
         try:
-            return await self.transport.call(
+            return await self.transport.call_hedged(
                 ep,
                 ref,
-                "GET",
                 ep.url("blobs", digest),
                 handler,
                 counter,
                 att,
+                expect_bytes=sum(end - start for start, end in group),
                 headers={"Range": range_header(group), "Accept-Encoding": "identity"},
                 redirect_key=digest,
             )

@@ -9,9 +9,17 @@
   ``Authorization`` to another host; a blob's redirect target is cached per
   (host, repository, digest) and re-resolved once when it answers 403 (expired
   pre-signed URL);
-* retries connection errors, timeouts, broken bodies, 429 and 5xx with exponential
-  backoff and jitter (``Retry-After`` honoured), bounded by ``max_retries`` and by the
-  deadline of the public call (:class:`Attempt`, shared by all its requests);
+* retries connection errors, timeouts, 429 and 5xx with exponential backoff and jitter
+  (``Retry-After`` honoured), and a body that broke (reset, truncated, or stalled: no byte
+  for :meth:`HostHealth.stall_after_s`) at once, all bounded by ``max_retries`` and by
+  the deadline of the public call (:class:`Attempt`, shared by all its requests; every
+  request's timeout is cut to what is left of it);
+* :meth:`Transport.call_hedged` (blob reads) sends a second, identical request when the
+  first runs far beyond what this host usually takes, within the same deadline; the
+  first answer wins and the other is cancelled;
+* keeps per host what it has been doing (:mod:`alsd.registry.health`): time to first
+  byte, throughput, and the retries, hedges, stalls and faults, for /status and /metrics
+  and a rate-limited info line each;
 * bounds concurrent requests per host (a semaphore per host);
 * goes through the HTTP(S) proxy the environment names for the URL
   (:mod:`alsd.registry.proxyenv`; CONNECT for https://, absolute-form for http://);
@@ -35,7 +43,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -45,6 +53,7 @@ from alsd.counters import ByteCounter
 from alsd.errors import AlsdError, NotFound, RegistryError, Transient, Unauthorized
 from alsd.oci.auth import repository_scope
 from alsd.oci.reference import Reference
+from alsd.registry.health import HostHealth
 from alsd.registry.proxyenv import ProxyConfig
 from alsd.registry.regconf import Endpoint
 
@@ -72,7 +81,16 @@ class Attempt:
 @dataclass
 class _HostState:
     sem: asyncio.Semaphore
+    health: HostHealth
     single_range: bool = False  # answered 400 to a multi-range request once
+
+
+class BodyBroke(Transient):
+    """The answer's body broke off (reset, truncated, stalled): asked again at once."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class AuthSource(Protocol):
@@ -172,8 +190,18 @@ class Transport:
     def _host(self, host: str) -> _HostState:
         st = self._hosts.get(host)
         if st is None:
-            st = self._hosts[host] = _HostState(asyncio.Semaphore(self.settings.max_per_host))
+            st = self._hosts[host] = _HostState(
+                asyncio.Semaphore(self.settings.max_per_host), HostHealth(host, self.settings)
+            )
         return st
+
+    def health(self, host: str) -> HostHealth:
+        """What ``host`` ("name[:port]") has been doing (created on first use)."""
+        return self._host(host).health
+
+    def host_stats(self) -> dict[str, dict[str, object]]:
+        """Per registry host: requests, retries, hedges, stalls, faults, speed (/status)."""
+        return {h: st.health.as_dict() for h, st in sorted(self._hosts.items())}
 
     # ------------------------------------------------------------ the request loop
 
@@ -239,15 +267,19 @@ class Transport:
                 proxy_auth = None
                 if proxy is not None and proxy.username is not None:
                     proxy_auth = aiohttp.BasicAuth(proxy.username, proxy.password or "")
-                async with self._host(where).sem:
+                host = self._host(where)
+                async with host.sem:
                     if counter is not None:
                         counter.add_request()
+                    host.health.requests += 1
                     t_sent = loop.time()
                     async with self._session_for_request().request(
                         method, tgt, headers=h, data=data, allow_redirects=False, timeout=timeout,
                         proxy=proxy.url if proxy else None, proxy_auth=proxy_auth,
                     ) as resp:  # fmt: skip
                         status = resp.status
+                        if status < 500 and status != 429:
+                            host.health.observe_ttfb(loop.time() - t_sent)
                         log.debug(
                             "%s %s%s%s%s -> %d after %.0f ms",
                             method,
@@ -293,38 +325,118 @@ class Transport:
                                 retry_after=retry_after(resp.headers.get("Retry-After")),
                             )
                         return await handler(resp)
+            except BodyBroke as exc:
+                err, kind = exc, exc.kind
             except Transient as exc:
-                err = exc
+                err, kind = exc, "http" if "HTTP" in str(exc) else "transient"
             except aiohttp.ClientConnectorDNSError as exc:
                 what = label or f"host {where}"
                 raise RegistryError(f"{ref}: cannot resolve {what}: {exc.os_error}") from exc
             except aiohttp.ClientConnectorError as exc:
                 err = Transient(f"{ref}: cannot connect to {name}: {exc.os_error}")
+                kind = "connect"
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-                err = Transient(f"{ref}: {name}: connection broke during the answer: {exc}")
+                err = BodyBroke(
+                    f"{ref}: {name}: connection broke during the answer: {exc}", "reset"
+                )
             except aiohttp.ClientResponseError as exc:
-                err = Transient(f"{ref}: {name}: bad HTTP answer: {exc.message}")
+                err, kind = Transient(f"{ref}: {name}: bad HTTP answer: {exc.message}"), "http"
             except (aiohttp.ClientError, ConnectionError) as exc:
-                err = Transient(f"{ref}: {name}: {type(exc).__name__}: {exc}")
+                err = BodyBroke(f"{ref}: {name}: {type(exc).__name__}: {exc}", "reset")
             except TimeoutError:
                 err = Transient(
                     f"{ref}: {method} {tgt.path} on {name}: no answer within "
                     f"{min(s.request_timeout_s, remaining):g}s"
                 )
+                kind = "timeout"
+            if isinstance(err, BodyBroke):
+                kind = err.kind
+            health = self._host(where).health
+            health.fault(kind)
             att.errors.append(str(err).removeprefix(f"{ref}: "))
             att.retries += 1
             if att.retries > s.max_retries:
+                health.note("%s: giving up after %d retries: %s", where, s.max_retries, err)
                 raise Transient(
                     f"{err} (gave up after {s.max_retries} retries)", retry_after=err.retry_after
                 )
-            delay = self._backoff_delay(att, err)
+            # A broken body is a lost connection, not a busy server: ask again at once.
+            delay = 0.0 if isinstance(err, BodyBroke) else self._backoff_delay(att, err)
             if loop.time() + delay > att.deadline:
                 raise Transient(
                     f"{err} (no retry: waiting {delay:.1f}s would pass the deadline)",
                     retry_after=err.retry_after,
                 )
-            log.debug("retrying in %.2fs: %s", delay, err)
-            await asyncio.sleep(delay)
+            health.retries += 1
+            why = str(err).removeprefix(f"{ref}: ")
+            health.note(
+                "%s: retry %d of %s %s in %.1fs (%s): %s",
+                where, att.retries, method, tgt.path, delay, kind, why,
+            )  # fmt: skip
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def call_hedged(
+        self,
+        ep: Endpoint,
+        ref: Reference,
+        url: str,
+        handler: Handler[T],
+        counter: ByteCounter | None,
+        att: Attempt,
+        *,
+        expect_bytes: int,
+        **kw: Any,
+    ) -> T:
+        """A GET like :meth:`call` (same arguments), hedged: when it has not finished
+        :meth:`HostHealth.hedge_after_s` (for ``expect_bytes``) after it started, a second
+        identical call starts; the first to succeed wins and the other is cancelled. Both
+        share ``att``: its deadline and retry budget bound the pair. For idempotent reads
+        whose ``handler`` keeps no state between calls."""
+        loop = asyncio.get_running_loop()
+        host = URL(url).host_port_subcomponent or ep.host
+        health = self._host(host).health
+        hedge_after = health.hedge_after_s(expect_bytes)
+
+        def start() -> asyncio.Task[T]:
+            return asyncio.ensure_future(
+                self.call(ep, ref, "GET", url, handler, counter, att, **kw)
+            )
+
+        first = start()
+        tasks = [first]
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=hedge_after)
+            if not done and att.deadline - loop.time() > hedge_after:
+                health.hedges += 1
+                health.note(
+                    "%s: hedging GET %s: no answer after %.1fs (usually %.2fs for %d bytes)",
+                    host, URL(url).path, hedge_after, health.expected_s(expect_bytes),
+                    expect_bytes,
+                )  # fmt: skip
+                tasks.append(start())
+            pending = set(tasks)
+            first_error: BaseException | None = None
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in tasks:
+                    if t not in done:
+                        continue
+                    exc = t.exception()
+                    if exc is None:
+                        if t is not first:
+                            health.hedges_won += 1
+                        return t.result()
+                    first_error = first_error or exc
+            assert first_error is not None
+            raise first_error
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
 
     def _backoff_delay(self, att: Attempt, err: Transient) -> float:
         """The wait before retry number ``att.retries`` (already counted): exponential,
@@ -346,10 +458,32 @@ class Transport:
         ref: Reference,
         ep: Endpoint,
     ) -> bytes:
-        """The whole body (counted); RegistryError beyond ``limit`` bytes, Transient when
-        shorter than its Content-Length."""
+        """The whole body (counted); RegistryError beyond ``limit`` bytes, BodyBroke (a
+        Transient, retried at once) when shorter than its Content-Length or when no byte
+        came for the host's :meth:`~HostHealth.stall_after_s`."""
+        health = self._host(resp.url.host_port_subcomponent or "").health
+        stall_s = health.stall_after_s()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         buf = bytearray()
-        async for chunk in resp.content.iter_any():
+        while True:
+            try:
+                # asyncio.timeout, not wait_for: no task of its own, so the request's own
+                # timeout (aiohttp's, on this task) stays told apart from a stall.
+                async with asyncio.timeout(stall_s) as stall:
+                    chunk = await resp.content.readany()
+            except TimeoutError:
+                if not stall.expired():
+                    raise
+                health.stalls += 1
+                resp.close()
+                raise BodyBroke(
+                    f"{ref}: {ep.host}: body of {resp.url.path} stalled: no byte for "
+                    f"{stall_s:.1f}s after {len(buf)} bytes",
+                    "stall",
+                ) from None
+            if not chunk:
+                break
             if counter is not None:
                 counter.add(len(chunk))
             buf += chunk
@@ -359,10 +493,12 @@ class Transport:
                     f"{ref}: answer from {ep.host} for {resp.url.path} exceeds {limit} bytes"
                 )
         if resp.content_length is not None and len(buf) != resp.content_length:
-            raise Transient(
+            raise BodyBroke(
                 f"{ref}: {ep.host}: body of {resp.url.path} truncated: "
-                f"{len(buf)} of {resp.content_length} bytes"
+                f"{len(buf)} of {resp.content_length} bytes",
+                "truncated",
             )
+        health.observe_body(len(buf), loop.time() - t0)
         return bytes(buf)
 
     async def drain(self, resp: aiohttp.ClientResponse, counter: ByteCounter | None) -> None:

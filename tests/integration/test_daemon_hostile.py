@@ -71,11 +71,16 @@ def test_chunk_bombs_are_refused_or_eio_in_bounded_memory(
 
         diff = d.layer_dir(under_ref, under_digest) / "diff"
         assert (diff / "ok.txt").read_bytes() == b"fine\n", d.log_tail()
+        requests = []
         for _ in range(2):
             assert read_errno(diff / "bomb") == errno.EIO, d.log_tail()
             assert peak_rss(d) < RSS_LIMIT, f"peak RSS {peak_rss(d) // MiB} MiB"
+            (layer_status,) = [la for la in d.status()["layers"] if la["digest"] == under_digest]
+            requests.append(layer_status["http_requests"])
+        # The chunk that failed is remembered: the second read asked the registry nothing.
+        assert requests[0] == requests[1], requests
         # alsd keeps serving, this layer and the control API.
         assert (diff / "after.txt").read_bytes() == b"still here\n"
         assert (diff / "ok.txt").read_bytes() == b"fine\n"
-        assert d.status()
+        assert registry.address in d.status()["registry_hosts"]
         print(f"alsd peak RSS after both bombs: {peak_rss(d) // MiB} MiB")

@@ -309,7 +309,7 @@ async def test_neighbouring_chunks_of_one_read_are_one_request(
     assert layer.source.counter.requests - before == 1
 
 
-async def test_a_flipped_byte_is_an_integrity_error_and_nothing_is_stored(
+async def test_a_flipped_byte_is_an_integrity_error_remembered_and_nothing_is_stored(
     registry: Registry, layout: OciLayout, factory: EngineFactory
 ) -> None:
     env = await factory.make()
@@ -332,9 +332,21 @@ async def test_a_flipped_byte_is_an_integrity_error_and_nothing_is_stored(
             await env.engine.read(layer, node, chunk.file_offset, 10)
         assert not env.store.has(chunk.digest)
         assert env.engine.fetcher.stats.integrity_errors == 1
+        # Read again: the chunk that failed is remembered, the read fails at once
+        # without asking the registry (before, every read fetched and inflated it anew).
+        requests = layer.source.counter.requests
+        with pytest.raises(IntegrityError, match="failed before"):
+            await env.engine.read(layer, node, chunk.file_offset, 10)
+        assert layer.source.counter.requests == requests
+        assert env.engine.fetcher.stats.known_bad == 1
+        assert env.engine.fetcher.stats.integrity_errors == 1
     finally:
         blob_file.write_bytes(original)
-    # With the good bytes back the same read works (nothing bad was cached).
+    # Only as long as the layer stays resolved: resolved anew (a restarted engine on the
+    # same state), the good bytes are fetched and served (nothing bad was cached).
+    await factory.close(env)
+    env = await factory.make()
+    layer = await env.engine.get_layer(_ref(registry, "esgz"), desc.digest)
     assert len(await env.engine.read(layer, node, chunk.file_offset, 10)) == 10
     await _stored(env)
     assert env.store.has(chunk.digest)

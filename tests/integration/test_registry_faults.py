@@ -133,7 +133,9 @@ async def test_truncated_config_is_retried(proxy: FaultProxy) -> None:
 async def test_stall_past_timeout(proxy: FaultProxy) -> None:
     digest, _ = esgz_layer()
     proxy.stall(BLOBS + digest, times=None)
-    async with make_client(proxy.address, request_timeout_s=0.5, max_retries=1) as c:
+    # No hedge: this is about the request timeout (hedges: test_registry_slow.py).
+    no_hedge = {"hedge_min_s": 60.0, "hedge_max_s": 60.0}
+    async with make_client(proxy.address, request_timeout_s=0.5, max_retries=1, **no_hedge) as c:
         with pytest.raises(Transient, match="no answer within") as exc:
             await c.read_ranges(f"{proxy.address}/fx:esgz", digest, [(0, 100_000)])
     assert proxy.address.split(":")[0] in str(exc.value)
