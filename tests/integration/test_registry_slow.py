@@ -4,8 +4,8 @@ retried at once, slow reads hedged; each is counted per host and logged.
 Faults are injected by tests/support/faultproxy.py (a test-only proxy in front of the
 real docker-registry: a stall or a trickle in the middle of a body cannot be produced
 with the registry alone). The stalls last 20 s: a read that waited one out would take
-longer than that, so the upper bounds below are ten times what the retry or hedge takes,
-not speed figures.
+longer than that, so the upper bounds below say only that it was not waited out, with the
+limits capped at 3 s: not speed figures.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ BLOBS = r"/v2/fx/blobs/"
 STALL_S = 20.0
 NO_HEDGE = {"hedge_min_s": 600.0, "hedge_max_s": 600.0}
 NO_STALL_LIMIT = {"stall_min_s": 600.0, "stall_max_s": 600.0}
+# The limits derive from the observed speed, which a loaded test machine makes slow:
+# capped here so that "not waited out" (< STALL_S) holds whatever the machine does.
+CAPS = {"stall_max_s": 3.0, "hedge_max_s": 3.0}
 
 
 @pytest.fixture
@@ -81,13 +84,13 @@ async def test_a_stalled_body_is_broken_off_and_asked_again(
 ) -> None:
     _, local = esgz_layer()
     caplog.set_level(logging.INFO, logger="alsd.registry")
-    async with make_client(proxy.address, **NO_HEDGE) as c:
+    async with make_client(proxy.address, **{**CAPS, **NO_HEDGE}) as c:
         got, took = await read(c, proxy, lambda: proxy.stall(BLOBS, seconds=STALL_S))
         h = c.transport.health(proxy.address)
         assert got == local[:400_000]
         assert proxy.injected["stall"] == 1
         assert (h.stalls, h.retries, h.hedges) == (1, 1, 0)
-        assert took < STALL_S / 2, took  # not waited out (the limit is 1.5 to 10 s)
+        assert took < STALL_S, took  # not waited out
         assert any("stall" in r.getMessage() and "retry 1" in r.getMessage()
                    for r in caplog.records if r.levelno == logging.INFO), caplog.text  # fmt: skip
         metrics = metrics_text({"registry_hosts": c.transport.host_stats()})
@@ -97,12 +100,12 @@ async def test_a_stalled_body_is_broken_off_and_asked_again(
 
 async def test_a_slow_read_is_hedged_and_the_second_answer_wins(proxy: FaultProxy) -> None:
     _, local = esgz_layer()
-    async with make_client(proxy.address, **NO_STALL_LIMIT) as c:
+    async with make_client(proxy.address, **{**CAPS, **NO_STALL_LIMIT}) as c:
         got, took = await read(c, proxy, lambda: proxy.stall(BLOBS, seconds=STALL_S))
         h = c.transport.health(proxy.address)
         assert got == local[:400_000]
         assert (h.hedges, h.hedges_won, h.stalls) == (1, 1, 0)
-        assert took < STALL_S / 2, took
+        assert took < STALL_S, took
         assert len(proxy.requests_to(BLOBS)) == 3  # the clean read, the slow one, the hedge
         metrics = metrics_text({"registry_hosts": c.transport.host_stats()})
     assert f'alsd_registry_hedges_total{{host="{proxy.address}"}} 1' in metrics
@@ -110,12 +113,12 @@ async def test_a_slow_read_is_hedged_and_the_second_answer_wins(proxy: FaultProx
 
 async def test_a_trickle_is_hedged(proxy: FaultProxy) -> None:
     _, local = esgz_layer()
-    async with make_client(proxy.address) as c:
+    async with make_client(proxy.address, **CAPS) as c:
         # 25 s for these 400 kB
         got, took = await read(c, proxy, lambda: proxy.trickle(BLOBS, bytes_per_s=16 << 10))
         assert got == local[:400_000]
         assert c.transport.health(proxy.address).hedges_won == 1
-        assert took < STALL_S / 2, took
+        assert took < STALL_S, took
 
 
 async def test_a_reset_is_retried_at_once(proxy: FaultProxy) -> None:
