@@ -148,9 +148,10 @@ def run_faults(b: Bench, w: wl.Workload, expect: str) -> dict[tuple[str, float],
                         text = als.metrics()
                         for name in METRICS:
                             run.counters[name] += int(metric_sum(text, name))
-                        m = re.search(r"^alsd_integrity_errors_total ([0-9]+)", text, re.M)
-                        if m:
-                            run.integrity_errors += int(m.group(1))
+                        m = re.search(r"^alsd_fetch_integrity_errors ([0-9]+)", text, re.M)
+                        if m is None:  # never report "0 wrong bytes" unread
+                            raise RuntimeError("no alsd_fetch_integrity_errors in /metrics")
+                        run.integrity_errors += int(m.group(1))
 
                     b.cold_start(w, v, run.result, expect, inspect=inspect)
                     run.injected.update(fp.injected())
