@@ -25,7 +25,7 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 def _parser(cmd: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"alsd {cmd}", description="inspect a layer blob")
-    p.add_argument("target", help="a layer blob file (or an image reference)")
+    p.add_argument("target", metavar="FILE|REF", help="a layer blob file or an image reference")
     p.add_argument(
         "--annotations",
         metavar="JSON",
