@@ -28,6 +28,10 @@ class NotLazyError(FormatError):
     """The layer is a valid layer, but not in a lazily pullable format (plain gzip/zstd)."""
 
 
+class PlainLayer(NotLazyError):
+    """A plain tar, gzip or zstd layer: it has no table of contents at all."""
+
+
 class IntegrityError(AlsdError):
     """Content did not match its digest (TOC, chunk, manifest, config or blob)."""
 
@@ -87,6 +91,19 @@ _ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
     (StoreError, errno.EIO),
     (ConfigError, errno.EINVAL),
 )
+
+
+# Exit statuses of every alsd command (the daemon and each subcommand), documented once
+# in alsd(8) and the README. argparse already exits 2 for an unknown option.
+EXIT_OK = 0  # it worked (inspect: lazily pullable)
+EXIT_FAILED = 1  # the operation failed; stderr says why
+EXIT_USAGE = 2  # usage or configuration error; nothing was done
+
+
+def exit_status_for(exc: BaseException) -> int:
+    """The exit status of a command that stopped on ``exc``: a configuration file that
+    is missing or invalid is a configuration error (2), anything else a failure (1)."""
+    return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED
 
 
 def errno_for(exc: BaseException) -> int:

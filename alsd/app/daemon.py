@@ -30,12 +30,10 @@ from alsd.app import control, wiring
 from alsd.app.mount import mount_options, prepare_mountpoint, pyfuse3_module, set_read_ahead
 from alsd.app.service import sd_notify, setup_logging
 from alsd.config import Config
-from alsd.errors import AlsdError, ConfigError
+from alsd.errors import EXIT_FAILED, EXIT_USAGE, AlsdError, ConfigError
 
 log = logging.getLogger("alsd")
 
-EXIT_CONFIG = 2
-EXIT_FAILURE = 1
 # After SIGTERM/SIGINT, requests still in flight (a read or lookup waiting on a slow or
 # silent registry) get this long before they are answered EIO; well below systemd's
 # default TimeoutStopSec (90 s), past which a SIGKILL would leave a dead mount.
@@ -49,10 +47,10 @@ def main(cfg: Config) -> int:
         return asyncio.run(run(cfg))
     except ConfigError as exc:  # registries.conf or an auth file, read at start-up
         log.error("%s", exc)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     except (AlsdError, OSError, RuntimeError) as exc:
         log.error("cannot start: %s", exc)
-        return EXIT_FAILURE
+        return EXIT_FAILED
 
 
 def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

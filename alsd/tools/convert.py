@@ -10,7 +10,8 @@ entries keep their platforms. A layer that already is eStargz with a TOC matchin
 annotation is copied as is (cross-repository mount when SRC and DST share a registry).
 
 Progress goes to stderr, one line per layer; the pushed ``DST@digest`` to stdout. Any
-failure is one line naming the reference, the host and the cause, exit status 1.
+failure is one line naming the reference, the host and the cause: exit status 1, or 2
+for a usage or configuration error (alsd.toml, registries.conf, an auth file).
 
 Concurrency: one event loop, layers converted one after the other (each is held in
 memory whole, so doing several at once would multiply the peak); the CPU-bound writer runs
@@ -30,7 +31,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from alsd.config import Config
-from alsd.errors import AlsdError, FormatError, IntegrityError, NotFound
+from alsd.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    AlsdError,
+    FormatError,
+    IntegrityError,
+    NotFound,
+    exit_status_for,
+)
 from alsd.oci import formats
 from alsd.oci.estargz_writer import (
     DEFAULT_CHUNK_SIZE,
@@ -387,24 +397,24 @@ def one_line(msg: str) -> str:
 def main(cmd: str, argv: Sequence[str]) -> int:
     args = _parser(cmd).parse_args(list(argv))
     if args.chunk_size <= 0:
-        print(f"alsd {cmd}: --chunk-size must be > 0", file=sys.stderr)
-        return 2
+        print(f"alsd {cmd}: --chunk-size must be a number of bytes greater than 0", file=sys.stderr)
+        return EXIT_USAGE
     prioritized = list(args.prioritize)
     if args.prioritize_from:
         try:
             prioritized += _read_list(args.prioritize_from)
         except OSError as exc:
             print(f"alsd {cmd}: --prioritize-from {args.prioritize_from}: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
     try:
         src = parse_reference(args.src)
         dst = parse_reference(args.dst)
     except InvalidReference as exc:
         print(f"alsd {cmd}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if dst.digest is not None:
         print(f"alsd {cmd}: {args.dst}: DST must be a tag, not a digest", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     options = ConvertOptions(
         chunk_size=args.chunk_size,
         prioritized=with_runtime_files(prioritized),
@@ -414,13 +424,15 @@ def main(cmd: str, argv: Sequence[str]) -> int:
             options = replace(options, profile=_profile_file(args.prioritize_profile))
         digest = asyncio.run(_run(src, dst, options, args.config, args.prioritize_profile))
     except AlsdError as exc:
+        # A missing or invalid alsd.toml, registries.conf or auth file: 2, like every
+        # subcommand; anything else failed the conversion: 1.
         print(f"alsd {cmd}: {one_line(str(exc))}", file=sys.stderr)
-        return 1
+        return exit_status_for(exc)
     except Exception as exc:  # a bug or an unmapped library error: still one line, exit 1
         print(f"alsd {cmd}: {src} -> {dst}: unexpected {exc!r}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print(f"{dst}@{digest}")
-    return 0
+    return EXIT_OK
 
 
 def _profile_file(path: str) -> Profile:

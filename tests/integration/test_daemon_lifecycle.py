@@ -146,7 +146,7 @@ def test_help_documents_every_option_and_setting() -> None:
     for key, _, _ in config.iter_settings():
         assert key in r.stdout, key
     for sub in ("status", "auth-helper"):
-        assert f"alsd {sub}" in r.stdout
+        assert f"    {sub} " in r.stdout
 
 
 def test_status_without_daemon_is_a_clear_error(tmp_path: Path) -> None:
@@ -157,7 +157,11 @@ def test_status_without_daemon_is_a_clear_error(tmp_path: Path) -> None:
         env=_env(),
     )
     assert r.returncode == 1
-    assert "cannot reach alsd" in r.stderr
+    sock = tmp_path / "none.sock"
+    assert r.stderr == (
+        f"alsd status: alsd is not running (no socket at {sock}); start it with "
+        "`systemctl start alsd`, or pass --config/--socket\n"
+    )
 
 
 def test_write_config_is_valid(tmp_path: Path) -> None:

@@ -25,9 +25,7 @@ ALSD_TOML_5 = DOC / "alsd.toml.5"
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
     """The daemon's parser (key "") and each subcommand's, as the command line uses them."""
-    from alsd import daemon
-
-    out = {"": daemon.build_parser()}
+    out = {"": cli.build_parser()}
     for name, (module, _) in cli.SUBCOMMANDS.items():
         out[name] = importlib.import_module(module)._parser(name)
     return out
