@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from alsd.errors import FormatError, IntegrityError, NotLazyError
+from alsd.errors import FormatError, IntegrityError, PlainLayer
 from alsd.oci import annotations as keys
 from alsd.oci import estargz, toc_json, zstdchunked
 from alsd.oci.index_builder import IndexBuilder
@@ -190,7 +190,7 @@ def detect(
             payload_end=gf.toc_offset,
         )
     if media_type is not None and media_type in _PLAIN_MEDIA_TYPES:
-        raise NotLazyError(f"layer of type {media_type} has no eStargz/zstd:chunked footer")
+        raise PlainLayer(f"layer of type {media_type} has no eStargz/zstd:chunked footer")
     raise FormatError("unknown footer: not an eStargz, stargz or zstd:chunked blob")
 
 

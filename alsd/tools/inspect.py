@@ -1,9 +1,12 @@
-"""``alsd inspect FILE [--annotations JSON]``: describe one layer blob as a JSON object.
+"""``alsd inspect [--json] FILE|REF``: can this layer blob, or every layer of this image,
+be pulled lazily, and if not, why.
 
 The FILE form reads a blob from disk and runs the pure format readers over it; the REF
-form (an image in a registry) is dispatched to :func:`inspect_ref`.  Exit status: 0 for a
-readable layer (lazily pullable or not), 1 with a one-line error on stderr for a corrupt
-one, 2 for usage errors.
+form (an image in a registry) is dispatched to :mod:`alsd.inspect_ref`. Text for a
+person by default, one JSON object with ``--json``. Exit status (alsd(8)): 0 lazily
+pullable; 1 not lazily pullable, corrupt or unreadable, with the reason on stderr; 2 a
+usage or configuration error (a FILE that does not exist, ``--annotations`` with a REF,
+a bad alsd.toml or registries.conf).
 """
 
 from __future__ import annotations
@@ -16,56 +19,128 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
-from alsd.errors import AlsdError, FormatError, NotLazyError
+from alsd.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    AlsdError,
+    ConfigError,
+    FormatError,
+    InvalidReference,
+    NotLazyError,
+)
 from alsd.oci import formats
-
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+from alsd.tools.text import (
+    GZIP_MAGIC,
+    NOT_LAZY_HINT,
+    ZSTD_MAGIC,
+    human_bytes,
+    not_lazy_reason,
+)
 
 
 def _parser(cmd: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"alsd {cmd}", description="inspect a layer blob")
-    p.add_argument("target", metavar="FILE|REF", help="a layer blob file or an image reference")
+    p = argparse.ArgumentParser(
+        prog=f"alsd {cmd}",
+        description="Say whether a layer blob (FILE) or every layer of an image in a "
+        "registry (REF) can be pulled lazily, and if not, why. Exit status 0: lazily "
+        "pullable; 1: not, or it cannot be read; 2: usage or configuration error.",
+    )
+    p.add_argument(
+        "target",
+        metavar="FILE|REF",
+        help="a layer blob file, or an image reference such as registry.example/app:1.0",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="alsd.toml to take [registry] registries_conf and auth_file from "
+        "(default /etc/alsd.toml)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
     p.add_argument(
         "--annotations",
         metavar="JSON",
-        help="the layer descriptor's annotations as a JSON object, to verify the TOC",
+        help="FILE only: the layer descriptor's annotations as a JSON object, to verify "
+        "the TOC digest",
     )
-    p.add_argument("--media-type", help="the layer descriptor's media type")
+    p.add_argument("--media-type", metavar="TYPE", help="FILE only: the layer's media type")
     p.add_argument(
         "--max-toc-bytes",
         type=int,
         default=formats.DEFAULT_MAX_TOC_BYTES,
+        metavar="N",
         help="largest uncompressed TOC accepted (default %(default)s)",
     )
     return p
 
 
+def _looks_like_path(text: str) -> bool:
+    """An argument no image reference can be: it was meant as a file."""
+    return text.startswith(("/", "./", "../", "~")) or text in (".", "..")
+
+
 def main(cmd: str, argv: list[str]) -> int:
     args = _parser(cmd).parse_args(argv)
+
+    def usage(msg: str) -> int:
+        print(f"alsd {cmd}: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+    if args.max_toc_bytes <= 0:
+        return usage("--max-toc-bytes must be a number of bytes greater than 0")
+    target: str = args.target
+    if os.path.isdir(target):
+        return usage(f"{target}: is a directory; give a layer blob file or an image reference")
+    is_file = os.path.exists(target)
+    if not is_file and _looks_like_path(target):
+        return usage(
+            f"{target}: no such file (give an existing layer blob file, or an image "
+            "reference such as registry.example/app:1.0)"
+        )
+    cfg = None
+    if args.config is not None or not is_file:
+        from alsd import config
+
+        try:
+            cfg = config.load(args.config)
+        except ConfigError as exc:
+            return usage(str(exc))
+    if not is_file:
+        from alsd.oci.reference import parse_reference
+
+        try:
+            parse_reference(target)
+        except InvalidReference as exc:
+            return usage(f"{target}: no such file, and not an image reference: {exc}")
+        for flag, value in (("--annotations", args.annotations), ("--media-type", args.media_type)):
+            if value is not None:
+                return usage(
+                    f"{flag} applies to a blob FILE only: for an image REF alsd takes each "
+                    "layer's annotations and media type from the image's manifest"
+                )
+        return inspect_ref(target, cfg, json_output=args.json, max_toc_bytes=args.max_toc_bytes)
     annotations: dict[str, str] = {}
     if args.annotations is not None:
         try:
             parsed = json.loads(args.annotations)
         except ValueError as exc:
-            print(f"alsd {cmd}: --annotations is not JSON: {exc}", file=sys.stderr)
-            return 2
+            return usage(f"--annotations is not JSON: {exc}")
         if not isinstance(parsed, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
         ):
-            print(f"alsd {cmd}: --annotations must be an object of strings", file=sys.stderr)
-            return 2
+            return usage('--annotations must be a JSON object of strings, {"key": "value"}')
         annotations = parsed
-    if os.path.isfile(args.target):
-        return inspect_file(args.target, annotations, args.media_type, args.max_toc_bytes)
-    return inspect_ref(args.target, annotations)
+    return inspect_file(
+        target, annotations, args.media_type, args.max_toc_bytes, json_output=args.json
+    )
 
 
-def inspect_ref(ref: str, annotations: Mapping[str, str]) -> int:
+def inspect_ref(ref: str, cfg: Any, *, json_output: bool, max_toc_bytes: int) -> int:
     """The REF form (an image in a registry): see :mod:`alsd.tools.inspect_ref`."""
     from alsd.tools.inspect_ref import run  # lazily: the FILE form needs no aiohttp
 
-    return run(ref)
+    return run(ref, cfg, json_output=json_output, max_toc_bytes=max_toc_bytes)
 
 
 def describe_blob(
@@ -75,15 +150,15 @@ def describe_blob(
     *,
     max_toc_bytes: int = formats.DEFAULT_MAX_TOC_BYTES,
 ) -> dict[str, Any]:
-    """The JSON object ``inspect`` prints; raises AlsdError for a corrupt blob."""
+    """The JSON object ``inspect --json`` prints; raises AlsdError for a corrupt blob."""
     try:
         loc = formats.detect(blob[-formats.TAIL_SIZE :], len(blob), annotations, media_type)
-    except NotLazyError:
-        return _not_lazy()
-    except FormatError:
+    except NotLazyError as exc:
+        return not_lazy(not_lazy_reason(exc, media_type, blob[:4]))
+    except FormatError as exc:
         # No footer and no media type: an intact plain layer is readable, just not lazy.
         if media_type is None and _is_plain_layer(blob):
-            return _not_lazy()
+            return not_lazy(not_lazy_reason(exc, media_type, blob[:4]))
         raise
     # Past detection, any error means a corrupt lazy layer (never "not lazy").
     index = formats.parse_toc(
@@ -98,6 +173,8 @@ def describe_blob(
         compressed = blob[chunk.blob_offset : chunk.fetch_end]
         formats.decode_chunk(index.format, chunk, compressed, path=index.path(node))
     return {
+        "lazy": True,
+        "reason": None,
         "format": str(index.format),
         "toc_digest": index.toc_digest,
         "verified": index.verified,
@@ -109,8 +186,11 @@ def describe_blob(
     }
 
 
-def _not_lazy() -> dict[str, Any]:
+def not_lazy(reason: str) -> dict[str, Any]:
+    """The object of a layer that is valid but not lazily pullable."""
     return {
+        "lazy": False,
+        "reason": reason,
         "format": None,
         "toc_digest": None,
         "verified": False,
@@ -125,9 +205,9 @@ def _not_lazy() -> dict[str, Any]:
 def _is_plain_layer(blob: bytes) -> bool:
     """A plain tar, tar+gzip or tar+zstd layer whose stream really is intact."""
     try:
-        if blob.startswith(_GZIP_MAGIC):
+        if blob.startswith(GZIP_MAGIC):
             head = _gunzip_all_head(blob)
-        elif blob.startswith(_ZSTD_MAGIC):
+        elif blob.startswith(ZSTD_MAGIC):
             import zstandard
 
             reader = zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=True)
@@ -160,8 +240,36 @@ def _gunzip_all_head(blob: bytes) -> bytes | None:
     return head
 
 
+def format_blob(path: str, d: Mapping[str, Any]) -> str:
+    """The text ``alsd inspect FILE`` prints for a lazily pullable blob."""
+    if d["verified"]:
+        toc = f"{d['toc_digest']} (verified against the annotation)"
+    else:
+        toc = f"{d['toc_digest']} (not verified: give --annotations to check it)"
+    if d["prefetch"] == "landmark":
+        prio = f"the first {human_bytes(d['prioritized_bytes'])} (files before the landmark)"
+    elif d["prefetch"] == "none":
+        prio = "none (the image marks no files to fetch first)"
+    else:
+        prio = "none (not an optimised image; see alsd convert --prioritize)"
+    return "\n".join(
+        [
+            f"{path}: lazily pullable, {d['format']}",
+            f"  TOC digest   {toc}",
+            f"  content      {d['entries']} entries, {d['regular_files']} regular files in "
+            f"{d['chunks']} chunks",
+            f"  prioritised  {prio}",
+        ]
+    )
+
+
 def inspect_file(
-    path: str, annotations: Mapping[str, str], media_type: str | None, max_toc_bytes: int
+    path: str,
+    annotations: Mapping[str, str],
+    media_type: str | None,
+    max_toc_bytes: int,
+    *,
+    json_output: bool = False,
 ) -> int:
     try:
         with open(path, "rb") as f:
@@ -169,6 +277,15 @@ def inspect_file(
         result = describe_blob(blob, annotations, media_type, max_toc_bytes=max_toc_bytes)
     except (AlsdError, OSError) as exc:
         print(f"alsd inspect: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, sort_keys=True))
-    return 0
+        return EXIT_FAILED
+    if json_output:
+        print(json.dumps(result, sort_keys=True))
+    if not result["lazy"]:
+        print(
+            f"alsd inspect: {path}: not lazily pullable: {result['reason']}; {NOT_LAZY_HINT}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if not json_output:
+        print(format_blob(path, result))
+    return EXIT_OK

@@ -111,7 +111,7 @@ async def check_converted(server: RegistryServer, ref: str) -> list[tuple[bytes,
 
 
 def inspect_json(ref: str, tmp_path: Path, env: dict[str, str]) -> dict[str, Any]:
-    r = alsd("inspect", ref, tmp_path=tmp_path, env=env)
+    r = alsd("inspect", "--json", ref, tmp_path=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     result: dict[str, Any] = json.loads(r.stdout)
     return result

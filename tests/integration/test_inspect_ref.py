@@ -30,7 +30,7 @@ def inspect(ref: str, tmp_path: Path, conf: Path, auth: Path) -> subprocess.Comp
         XDG_RUNTIME_DIR=str(tmp_path / "xdg-run"),
     )
     return subprocess.run(
-        [sys.executable, "-m", "alsd", "inspect", ref],
+        [sys.executable, "-m", "alsd", "inspect", "--json", ref],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
 
