@@ -300,7 +300,11 @@ class LayerManager:
             store_stats = {"error": str(exc)}
         return {
             "layers": [
-                {**_layer_status(layer), **self._materializer.layer_status(layer)}
+                {
+                    **_layer_status(layer),
+                    **self._materializer.layer_status(layer),
+                    "content_bytes": _content_bytes(layer),
+                }
                 for layer in self._resolver.layers()
             ],
             "images": self._images.refs(),
@@ -319,6 +323,11 @@ class LayerManager:
                 "local_read_errors": self._reader.local_read_errors,
             },
         }
+
+
+def _content_bytes(layer: Layer) -> int:
+    """Uncompressed bytes of the layer's files (what ``local_bytes`` is a share of)."""
+    return sum(chunk.size for _, chunk in layer.index.iter_chunks())
 
 
 def _layer_status(layer: Layer) -> dict[str, Any]:

@@ -170,6 +170,7 @@ class LayerStats:
     blob_requests: int = 0
     blob_bytes: int = 0
     reads: int = 0
+    reads_fetched: int = 0  # reads that found a chunk missing and fetched it first
     read_bytes: int = 0
     read_errors: int = 0
     read_latency_sum_s: float = 0.0

@@ -89,6 +89,7 @@ class Reader:
             if out is None:
                 out = await self._read_stored(layer, node, chunks, offset, end)
             if out is None:
+                self._stats.reads_fetched += 1
                 with self._scheduler.demand():
                     fetch = self._fetcher.get_chunks(
                         layer.source, [(node, c) for c in chunks], Priority.DEMAND

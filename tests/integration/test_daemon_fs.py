@@ -434,7 +434,51 @@ def test_status_and_metrics(alsd: AlsdProcess, refs: dict[str, str], layout: Oci
         env=_env(),
     )
     assert r.returncode == 0, r.stderr
-    assert "REFERENCE" in r.stdout and refs["esgz"] in r.stdout
+    assert f"IMAGE {refs['esgz']}" in r.stdout
+    assert "LOCAL" in r.stdout and "[#" not in r.stdout  # no bar when not a terminal
+
+
+def test_status_text_explains_itself(
+    alsd: AlsdProcess, refs: dict[str, str], layout: OciLayout
+) -> None:
+    """Per image its reference, per layer how much is local; totals in the demo's unit."""
+    la = layout.image("esgz").layers[0]
+    diff = alsd.layer_dir(refs["esgz"], la.digest) / "diff"
+    sizes: dict[int, int] = {}
+    for root, _, names in os.walk(diff):
+        for n in names:
+            st = os.lstat(os.path.join(root, n))
+            if stat.S_ISREG(st.st_mode):
+                sizes[st.st_ino] = st.st_size
+                with open(os.path.join(root, n), "rb") as f:
+                    f.read()  # every file read: all of the layer is local now
+    r = subprocess.run(
+        [*_alsd(), "status", "--socket", str(alsd.control_socket)],
+        capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = alsd.status()
+    s = _layer_status(alsd, refs["esgz"], la.digest)
+    assert s["content_bytes"] == sum(sizes.values()) and s["local_bytes"] == s["content_bytes"]
+    lines = r.stdout.splitlines()
+    image = lines.index(f"IMAGE {refs['esgz']}")
+    row = next(x for x in lines[image:] if x.split()[:1] == [la.digest[:19]])
+
+    def binary(n: int) -> str:  # as the demo's summary prints sizes (MiB = 2**20 bytes)
+        return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+    assert f"100% of {binary(s['content_bytes'])}" in row
+    fetched = next(x for x in lines if x.startswith("fetched "))
+    assert fetched.startswith(f"fetched     {binary(doc['registry']['bytes'])} from registries")
+    reads = next(x for x in lines if x.startswith("reads "))
+    e = doc["engine"]
+    assert (
+        f"{e['reads']} file reads answered: {e['reads'] - e['reads_fetched']} from the local "
+        f"cache, {e['reads_fetched']} had to fetch from the registry first"
+    ) in reads
+    assert e["reads_fetched"] >= 1
+    podman = next(x for x in lines if x.startswith("podman "))
+    assert "took layers into use" in podman and "released them" in podman
 
 
 def test_auth_helper_hands_credentials_over(alsd: AlsdProcess) -> None:

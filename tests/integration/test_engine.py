@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -276,6 +277,33 @@ async def test_reads_of_stored_chunks_return_exact_slices_without_requests(
         assert got == content[off : off + size], (off, size)
     assert layer.source.counter.requests == requests
     assert env.engine.fetcher.stats.chunk_hits > hits
+
+
+async def test_status_says_how_much_of_a_layer_is_local_and_which_reads_fetched(
+    registry: Registry, layout: OciLayout, gzip_files: list[dict[str, bytes]],
+    factory: EngineFactory,
+) -> None:
+    env = await factory.make()
+    digest = layout.image("esgz").layers[0].digest
+
+    def layer_status() -> dict[str, Any]:
+        (st,) = [la for la in env.engine.status()["layers"] if la["digest"] == digest]
+        return dict(st)
+
+    layer = await env.engine.get_layer(_ref(registry, "esgz"), digest)
+    content = sum(len(v) for v in gzip_files[0].values())  # every regular file's bytes
+    st = layer_status()
+    assert st["content_bytes"] == content and st["local_bytes"] == 0
+    big = gzip_files[0]["data/big.bin"]
+    assert await _read_all(env.engine, layer, "data/big.bin") == big
+    st = layer_status()
+    assert st["local_bytes"] == len(big)  # read-ahead is off: exactly what was read
+    assert env.engine.stats.reads == env.engine.stats.reads_fetched == 1
+    assert await _read_all(env.engine, layer, "data/big.bin") == big  # from the store now
+    assert (env.engine.stats.reads, env.engine.stats.reads_fetched) == (2, 1)
+    for path in gzip_files[0]:
+        await _read_all(env.engine, layer, path)
+    assert layer_status()["local_bytes"] == content
 
 
 async def test_racing_reads_of_one_chunk_fetch_it_once(
