@@ -44,7 +44,7 @@ def test_the_summary_lines_say_what_they_count() -> None:
     # 12 268 339 bytes is 11.7 MiB, as the demo's summary prints it.
     assert lines[3].startswith("fetched     11.7 MiB from registries in 23 requests")
     assert lines[4] == (
-        "podman      took layers into use 2 times and released them 1 times; "
+        "podman      took layers into use twice and released them once; "
         "1 of 1 layers in use now"
     )
     assert "hits" not in text and "use/release" not in text
