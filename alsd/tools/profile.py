@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from alsd.errors import AlsdError, InvalidReference
+from alsd.errors import EXIT_OK, EXIT_USAGE, AlsdError, InvalidReference, exit_status_for
 
 if TYPE_CHECKING:
     from alsd.app.profiles import StoredProfile
@@ -63,13 +63,14 @@ def main(cmd: str, argv: Sequence[str]) -> int:
         stored = stored_profile(cfg, args.ref)
         if args.action == "show":
             print(json.dumps(stored.to_json(), indent=2))
-            return 0
+            return EXIT_OK
         pushed = asyncio.run(_push(cfg, stored))
-    except (AlsdError, InvalidReference) as exc:
+    except AlsdError as exc:
         print(f"alsd {cmd} {args.action}: {_one_line(str(exc))}", file=sys.stderr)
-        return 1
+        # A malformed REF is a usage error (2), like a bad alsd.toml; the rest failed (1).
+        return EXIT_USAGE if isinstance(exc, InvalidReference) else exit_status_for(exc)
     print(f"{pushed}")
-    return 0
+    return EXIT_OK
 
 
 async def _push(cfg: Config, stored: StoredProfile) -> str:

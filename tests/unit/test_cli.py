@@ -24,6 +24,7 @@ COMMANDS = {
     "daemon": [],
     "inspect": ["inspect", "registry.invalid/app:1.0"],
     "convert": ["convert", "registry.invalid/app:1.0", "registry.invalid/app:esgz"],
+    "profile": ["profile", "show", "registry.invalid/app:1.0"],
     "status": ["status"],
     "auth-helper": ["auth-helper"],
 }
@@ -79,6 +80,8 @@ def test_unknown_option_exits_2(name: str) -> None:
 def test_each_command_has_help(name: str) -> None:
     r = alsd(*COMMANDS[name][:1], "--help")
     assert r.returncode == 0 and r.stdout.startswith("usage: alsd")
+    r = alsd(*COMMANDS[name][:2], "--help")  # and each subcommand of one (profile show)
+    assert r.returncode == 0 and r.stdout.startswith("usage: alsd")
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -100,11 +103,14 @@ def test_the_same_configuration_error_exits_2_in_every_command(
         conf.write_text("[[registry]]\nlocation = 5\n")
         cfg.write_text(base + f'[registry]\nregistries_conf = "{conf}"\n')
         want = [str(conf), "'location'"]
-        if name in ("status", "auth-helper"):
-            # They read only [control] socket: the rest is the daemon's business. Without
-            # a daemon they fail (1), and say so.
+        if name in ("status", "auth-helper", "profile"):
+            # They get no further than what they need first ([control] socket, the
+            # recorded profiles in state_dir), fail there (1) and say so.
             r = alsd(*COMMANDS[name], "--config", str(cfg))
-            assert r.returncode == 1 and "alsd is not running" in r.stderr
+            assert r.returncode == 1
+            assert ("no image of that name" if name == "profile" else "alsd is not running") in (
+                r.stderr
+            )
             return
     else:
         want = [f"{cfg}: no such file"]
@@ -140,6 +146,7 @@ def test_a_failed_operation_exits_1_and_says_why(name: str, tmp_path: Path) -> N
         "daemon": ["--config", str(cfg)],
         "inspect": ["inspect", str(tmp_path / "layer.tar.gz")],
         "convert": ["convert", "--config", str(cfg), "127.0.0.1:9/a:1", "127.0.0.1:9/a:2"],
+        "profile": ["profile", "show", "--config", str(cfg), "127.0.0.1:9/a:1"],
         "status": ["status", "--config", str(cfg)],
         "auth-helper": ["auth-helper", "--config", str(cfg)],
     }[name]
@@ -147,6 +154,7 @@ def test_a_failed_operation_exits_1_and_says_why(name: str, tmp_path: Path) -> N
         "daemon": f"cannot start: {tmp_path / 'not-a-dir'}: not a directory",
         "inspect": "not lazily pullable: a plain gzip layer",
         "convert": "127.0.0.1:9",
+        "profile": "127.0.0.1:9/a:1",
         "status": f"alsd is not running (no socket at {tmp_path / 'alsd.sock'})",
         "auth-helper": f"alsd is not running (no socket at {tmp_path / 'alsd.sock'})",
     }[name]
