@@ -155,8 +155,8 @@ def documented_settings() -> dict[str, str]:
             assert m, f"alsd.toml.5: a .TP tag that is not '.B key = value': {lines[i + 1]!r}"
             key = m.group(1) if table is None else f"{table}.{m.group(1)}"
             value = m.group(2)
-            if value == "PATH":
-                assert lines[i + 2] == "(unset)", key
+            if lines[i + 2] == "(unset)":  # "key = PATH" then "(unset)": optional
+                assert re.fullmatch(r"[A-Z:]+", value), key
                 value = "(unset)"
             out[key] = value
     return out
