@@ -174,7 +174,9 @@ def report(b: Bench, runs: dict[tuple[str, float], FaultRun]) -> list[str]:
         f"stalls of {STALL_S:g} s mid-body, trickles at {TRICKLE_BPS >> 10} KiB/s), seeded, "
         f"{b.args.fault_reps} repetition(s) per rate: median (min–max). Bytes = registry → "
         "client bytes over the link. Retries, hedges, stalls and faults: alsd's per-registry "
-        "counters (/metrics), summed over the repetitions.",
+        "counters (/metrics), summed over the repetitions. Injected faults and alsd's "
+        "counters cover each cold start and the warm start after it (same alsd, same fault "
+        "rate); the times are the cold start's.",
         "",
     ]
     targets = {0.1: 2.0, 0.3: 4.0}
