@@ -1035,5 +1035,17 @@ def test_materialised_layers_serve_new_containers_from_local_directories(
     text = log_file.read_text()
     assert "FAIL" not in text, text[-2000:]
     print(f"{tag}: {rounds() - before} rounds of reading every file with alsd killed, 0 failed")
+    # Restarted: the materialised layers are known from metadata and answered as
+    # symlinks at once, without a byte from the registry.
+    sent_before, _ = s.proxy.snapshot()
     s.restart_alsd()  # podman itself needs the ALS mount back to run any command
+    image = registry_image(registry, "fx", tag)
+    for la in image["layers"]:
+        key = layer_key(la, s.penv.protocol)
+        assert key is not None
+        target = os.readlink(s.alsd.layer_dir(ref, key) / "diff")
+        assert target.startswith("../../") and target.endswith("/diff"), target
+        assert (s.alsd.layer_dir(ref, key) / "diff" / "data").is_dir()
+    assert s.proxy.snapshot()[0] == sent_before
+    assert all(la["materialized"] == "yes" for la in ref_layers(s.alsd, ref))
     s.podman("rm", "-f", "reader", "plain")
