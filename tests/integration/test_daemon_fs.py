@@ -17,6 +17,7 @@ import os
 import stat
 import subprocess
 import tarfile
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -452,6 +453,11 @@ def test_status_text_explains_itself(
                 sizes[st.st_ino] = st.st_size
                 with open(os.path.join(root, n), "rb") as f:
                     f.read()  # every file read: all of the layer is local now
+    # Readers get their chunks before the store has written them: wait for the writes.
+    deadline = time.monotonic() + 30
+    while _layer_status(alsd, refs["esgz"], la.digest)["local_bytes"] < sum(sizes.values()):
+        assert time.monotonic() < deadline, "the chunk store writes did not finish"
+        time.sleep(0.05)  # polling interval
     r = subprocess.run(
         [*_alsd(), "status", "--socket", str(alsd.control_socket)],
         capture_output=True, text=True, env=_env(),

@@ -296,6 +296,8 @@ async def test_status_says_how_much_of_a_layer_is_local_and_which_reads_fetched(
     assert st["content_bytes"] == content and st["local_bytes"] == 0
     big = gzip_files[0]["data/big.bin"]
     assert await _read_all(env.engine, layer, "data/big.bin") == big
+    # A reader gets its chunks before they are written to the store.
+    await _until(lambda: env.engine.fetcher.inflight_count() == 0, "the chunk store writes")
     st = layer_status()
     assert st["local_bytes"] == len(big)  # read-ahead is off: exactly what was read
     assert env.engine.stats.reads == env.engine.stats.reads_fetched == 1
@@ -303,6 +305,7 @@ async def test_status_says_how_much_of_a_layer_is_local_and_which_reads_fetched(
     assert (env.engine.stats.reads, env.engine.stats.reads_fetched) == (2, 1)
     for path in gzip_files[0]:
         await _read_all(env.engine, layer, path)
+    await _until(lambda: env.engine.fetcher.inflight_count() == 0, "the chunk store writes")
     assert layer_status()["local_bytes"] == content
 
 
