@@ -129,6 +129,16 @@ def _nonneg_int(d: Mapping[str, Any], key: str, what: str) -> int:
     return v
 
 
+def _load_json(data: bytes, max_bytes: int, what: str) -> Any:
+    """``data`` as JSON, refused (:class:`FormatError`) above ``max_bytes`` or malformed."""
+    if len(data) > max_bytes:
+        raise FormatError(f"{what} of {len(data)} bytes exceeds {max_bytes} bytes")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise FormatError(f"{what} is not JSON: {exc}") from None
+
+
 def parse_profile(data: bytes, limits: ProfileLimits = DEFAULT_LIMITS) -> Profile:
     """Parse a profile document; :class:`FormatError` names the first problem.
 
@@ -138,12 +148,7 @@ def parse_profile(data: bytes, limits: ProfileLimits = DEFAULT_LIMITS) -> Profil
     zero lengths. Entries for a path already listed in the same layer are dropped (the
     first one counts).
     """
-    if len(data) > limits.max_bytes:
-        raise FormatError(f"profile of {len(data)} bytes exceeds {limits.max_bytes} bytes")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise FormatError(f"profile is not JSON: {exc}") from None
+    doc = _load_json(data, limits.max_bytes, "profile")
     if not isinstance(doc, dict):
         raise FormatError("profile: expected a JSON object")
     extra = set(doc) - {"mediaType", "layers"}
@@ -413,12 +418,7 @@ def parse_artifact_manifest(
     a ``subject`` other than the image, not exactly one layer of the profile media type,
     a blob larger than ``limits.max_bytes``.
     """
-    if len(data) > 64 << 10:
-        raise FormatError(f"profile artifact manifest of {len(data)} bytes is too large")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise FormatError(f"profile artifact manifest is not JSON: {exc}") from None
+    doc = _load_json(data, 64 << 10, "profile artifact manifest")
     if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
         raise FormatError("profile artifact: not a schemaVersion 2 manifest")
     if doc.get("mediaType", OCI_MANIFEST) != OCI_MANIFEST:
@@ -481,12 +481,7 @@ def parse_referrers(data: bytes, *, max_bytes: int = 4 << 20) -> list[Referrer]:
     without the referrers API may answer with something else); malformed entries are
     skipped (they are other tools' business).
     """
-    if len(data) > max_bytes:
-        raise FormatError(f"referrers index of {len(data)} bytes exceeds {max_bytes} bytes")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise FormatError(f"referrers index is not JSON: {exc}") from None
+    doc = _load_json(data, max_bytes, "referrers index")
     if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
         raise FormatError("referrers: not a schemaVersion 2 image index")
     if doc.get("mediaType", OCI_INDEX) != OCI_INDEX:
